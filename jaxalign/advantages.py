@@ -1,0 +1,70 @@
+"""Advantage estimators over token-level rollouts: generalised advantage estimation (GAE)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+def gae(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    mask: ArrayLike,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over right-padded token rollouts.
+
+    For valid positions ``t`` (``mask = 1``), with ``t'`` the next valid position:
+    ``δ_t = r_t + γ V_{t'} − V_t`` and ``A_t = δ_t + γλ A_{t'}``. The episode ends after the last
+    valid position, where the bootstrap value and advantage are 0. Masked positions are skipped
+    (their rewards and values are never read, even if NaN), and ``A_t = R_t = 0`` there.
+    Returns are ``R_t = A_t + V_t`` (the λ-return). Computed by a reverse ``lax.scan`` over time.
+
+    Special cases: ``λ = 0`` gives the TD error ``δ_t``; ``γ = λ = 1`` gives the reward-to-go
+    ``Σ_{k ≥ t} r_k`` minus ``V_t``.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards.
+      values: ``[B, T]`` value estimates ``V(s_t)``.
+      mask: ``[B, T]``, 1 on valid (completion) positions.
+      gamma: discount γ.
+      lam: GAE λ.
+
+    Returns:
+      ``(advantages, returns)``, both ``[B, T]`` float32.
+
+    References:
+      Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage
+      Estimation", arXiv:1506.02438, eq. 16.
+    """
+    rewards = jnp.asarray(rewards)
+    values = jnp.asarray(values)
+    mask = jnp.asarray(mask)
+    if not (rewards.shape == values.shape == mask.shape) or rewards.ndim != 2:
+        raise ValueError(
+            f"rewards, values and mask must all be [B, T]; got rewards {rewards.shape}, "
+            f"values {values.shape}, mask {mask.shape}"
+        )
+    dtype = jnp.promote_types(jnp.result_type(rewards, values), jnp.float32)
+    valid = mask.astype(bool)
+    rewards = jnp.where(valid, rewards, 0).astype(dtype)
+    values = jnp.where(valid, values, 0).astype(dtype)
+
+    def step(carry, inputs):
+        next_value, next_advantage = carry
+        reward, value, is_valid = inputs
+        delta = reward + gamma * next_value - value
+        advantage = delta + gamma * lam * next_advantage
+        carry = (jnp.where(is_valid, value, next_value), jnp.where(is_valid, advantage, next_advantage))
+        return carry, jnp.where(is_valid, advantage, 0)
+
+    zeros = jnp.zeros_like(rewards[:, 0])  # like the inputs, so shard_map sees matching carries
+    _, advantages = jax.lax.scan(
+        step, (zeros, zeros), (rewards.T, values.T, valid.T), reverse=True
+    )
+    advantages = advantages.T
+    returns = jnp.where(valid, advantages + values, 0)
+    return advantages, returns
