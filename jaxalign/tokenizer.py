@@ -1,0 +1,325 @@
+"""A thin layer over Hugging Face `tokenizers`: ids as numpy arrays, explicit BOS/EOS/padding.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` and never lets the backend add special tokens
+by itself (a Llama `tokenizer.json` has a post-processor that prepends `<s>`): BOS and EOS are
+added only where the caller asks for them, so the data pipeline controls the layout exactly.
+
+    tok = Tokenizer.train_bpe(texts, vocab_size=512)      # byte-level BPE, lossless
+    tok = Tokenizer.from_file("path/to/hf_model_dir")     # reads tokenizer.json (+ config)
+    ids, mask = tok.encode_batch(texts, max_length=64, padding_side="left")   # [B, L] int32
+
+The chat template (`apply_chat_template`) is a plain-text format, the same for every model:
+
+    <|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n
+
+i.e. each message is a header line `<|role|>` followed by its content and a newline.
+`add_generation_prompt=True` appends the header `<|assistant|>\\n` so a model continues with
+the assistant's reply. It is deliberately not the model's own Jinja template: it is exact,
+reversible and identical in training and generation, which is what a small model trained or
+fine-tuned here needs. Add the headers to `special_tokens` when training a tokenizer if you
+want them to be single tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+__all__ = ["CHAT_ROLES", "Tokenizer", "apply_chat_template", "pad_rows", "render_completion"]
+
+# Names looked up, in order, when a special token is not given explicitly.
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+_BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>")
+_EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")
+
+CHAT_ROLES = ("system", "user", "assistant")
+_GENERATION_PROMPT = "<|assistant|>\n"
+
+
+def _token_name(value: object) -> str | None:
+    """A special token as written in `tokenizer_config.json`: a string or {"content": ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with explicit special tokens and numpy batch encoding.
+
+    Args:
+        backend: the wrapped `tokenizers.Tokenizer`.
+        pad_token, bos_token, eos_token: override the special tokens by their text (must be in
+            the vocabulary). When None, the first of the common names present is used
+            (`<pad>`; `<bos>`, `<s>`, `<|begin_of_text|>`; `<eos>`, `</s>`, `<|endoftext|>`,
+            `<|end_of_text|>`), and the id is None if none is present.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        pad_token: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self._pad_id = self._lookup("pad_token", pad_token, _PAD_NAMES)
+        self._bos_id = self._lookup("bos_token", bos_token, _BOS_NAMES)
+        self._eos_id = self._lookup("eos_token", eos_token, _EOS_NAMES)
+
+    def _lookup(self, what: str, explicit: str | None, names: Sequence[str]) -> int | None:
+        if explicit is not None:
+            token_id = self.backend.token_to_id(explicit)
+            if token_id is None:
+                raise ValueError(f"{what}={explicit!r} is not in the tokenizer's vocabulary")
+            return token_id
+        for name in names:
+            token_id = self.backend.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    # ------------------------------------------------------------------ construction / io
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        pad_token: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> Tokenizer:
+        """Loads a `tokenizer.json`, or a directory holding one (a Hugging Face model dir).
+
+        In a directory, `tokenizer_config.json` (if present) names the special tokens; explicit
+        arguments take precedence over it, and it over the common-name lookup.
+        """
+        path = os.fspath(path)
+        names: dict[str, str | None] = {}
+        if os.path.isdir(path):
+            config_path = os.path.join(path, "tokenizer_config.json")
+            if os.path.exists(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+                names = {key: _token_name(config.get(key)) for key in ("pad_token", "bos_token", "eos_token")}
+            path = os.path.join(path, "tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(path)
+        vocab = backend.get_vocab(with_added_tokens=True)
+        # A config may name a token the vocabulary lacks (e.g. a pad token added later): ignore it.
+        names = {key: name for key, name in names.items() if name is not None and name in vocab}
+        return cls(
+            backend,
+            pad_token=pad_token if pad_token is not None else names.get("pad_token"),
+            bos_token=bos_token if bos_token is not None else names.get("bos_token"),
+            eos_token=eos_token if eos_token is not None else names.get("eos_token"),
+        )
+
+    @classmethod
+    def train_bpe(
+        cls,
+        texts: Iterable[str],
+        *,
+        vocab_size: int,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = ("<pad>", "<bos>", "<eos>"),
+    ) -> Tokenizer:
+        """Trains a byte-level BPE (GPT-2 style): any text round-trips exactly, no `<unk>`.
+
+        Special tokens get the first ids, in the order given (`<pad>`=0, `<bos>`=1, `<eos>`=2
+        by default). `vocab_size` counts them and the 256 byte symbols.
+        """
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes `path` if it ends in `.json`; otherwise makes the directory `path` and writes
+        `tokenizer.json` and a `tokenizer_config.json` naming the special tokens (so that
+        `from_file(path)` restores any overrides)."""
+        path = os.fspath(path)
+        if path.endswith(".json"):
+            self.backend.save(path)
+            return
+        os.makedirs(path, exist_ok=True)
+        self.backend.save(os.path.join(path, "tokenizer.json"))
+        config = {
+            "pad_token": self._token(self._pad_id),
+            "bos_token": self._token(self._bos_id),
+            "eos_token": self._token(self._eos_id),
+        }
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+
+    def _token(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added/special tokens included (the model's embedding rows needed)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def padding_id(self) -> int:
+        """The id written into padded positions: `pad_id`, else `eos_id`, else 0.
+
+        Padded positions are always excluded by the masks, so the value only has to be valid.
+        """
+        for token_id in (self._pad_id, self._eos_id):
+            if token_id is not None:
+                return token_id
+        return 0
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`; BOS/EOS added only when asked and when the tokenizer has them."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._with_specials(ids, add_bos=add_bos, add_eos=add_eos)
+
+    def _with_specials(self, ids: list[int], *, add_bos: bool, add_eos: bool) -> list[int]:
+        prefix = [self._bos_id] if add_bos and self._bos_id is not None else []
+        suffix = [self._eos_id] if add_eos and self._eos_id is not None else []
+        return prefix + list(ids) + suffix
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (a list or a 1-D array); special tokens dropped by default."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        padding_side: Literal["right", "left"] = "right",
+        truncation_side: Literal["right", "left"] = "right",
+        add_bos: bool = False,
+        add_eos: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes, truncates and pads a batch.
+
+        Truncation removes text tokens only (from the end for `truncation_side="right"`, from
+        the start for `"left"`); the BOS and EOS asked for are always kept. Without
+        `max_length` the batch is padded to its longest sequence.
+
+        Args:
+            texts: B strings.
+            max_length: L, the padded length (and truncation limit); None = longest in batch.
+
+        Returns:
+            `(ids, attention_mask)`, both int32 `[B, L]`; the mask is 1 on real tokens and 0 on
+            padding (`padding_id`).
+        """
+        if padding_side not in ("right", "left") or truncation_side not in ("right", "left"):
+            raise ValueError("padding_side and truncation_side must be 'right' or 'left'")
+        num_specials = len(self._with_specials([], add_bos=add_bos, add_eos=add_eos))
+        if max_length is not None and max_length < max(num_specials, 1):
+            raise ValueError(f"max_length={max_length} leaves no room for any token")
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        rows = []
+        for encoding in encodings:
+            ids = encoding.ids
+            if max_length is not None and len(ids) + num_specials > max_length:
+                keep = max_length - num_specials
+                ids = ids[:keep] if truncation_side == "right" else ids[len(ids) - keep :]
+            rows.append(self._with_specials(ids, add_bos=add_bos, add_eos=add_eos))
+        length = max_length if max_length is not None else max((len(r) for r in rows), default=0)
+        return pad_rows(rows, length, pad_id=self.padding_id, side=padding_side)
+
+    def decode_batch(
+        self,
+        ids: np.ndarray | Sequence[Sequence[int]],
+        *,
+        attention_mask: np.ndarray | None = None,
+        skip_special_tokens: bool = True,
+    ) -> list[str]:
+        """Decodes each row of `ids` `[B, L]`; positions where `attention_mask` is 0 are dropped."""
+        texts = []
+        for row_index, row in enumerate(ids):
+            row = np.asarray(row)
+            if attention_mask is not None:
+                row = row[np.asarray(attention_mask[row_index]).astype(bool)]
+            texts.append(self.decode(row.tolist(), skip_special_tokens=skip_special_tokens))
+        return texts
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], length: int, *, pad_id: int, side: Literal["right", "left"]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pads id lists (each at most `length` long) into `(ids, mask)` int32 `[B, length]`."""
+    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), length), dtype=np.int32)
+    for i, row in enumerate(rows):
+        n = len(row)
+        if n > length:
+            raise ValueError(f"row {i} has {n} tokens, more than length={length}")
+        span = slice(0, n) if side == "right" else slice(length - n, length)
+        ids[i, span] = row
+        mask[i, span] = 1
+    return ids, mask
+
+
+def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> str:
+    """Renders `[{"role", "content"}, ...]` as `<|role|>\\ncontent\\n` blocks (see module doc).
+
+    Roles must be one of `system`, `user`, `assistant`; contents must be strings.
+    """
+    parts = []
+    for index, message in enumerate(messages):
+        role, content = _check_message(message, index)
+        parts.append(f"<|{role}|>\n{content}\n")
+    if add_generation_prompt:
+        parts.append(_GENERATION_PROMPT)
+    return "".join(parts)
+
+
+def render_completion(messages: Sequence[Mapping[str, str]]) -> str:
+    """Text of assistant turn(s) that follow a prompt rendered with `add_generation_prompt`.
+
+    The first message must be from the assistant; its header is already in the prompt, so
+    `apply_chat_template(prompt, add_generation_prompt=True) + render_completion(reply)`
+    equals `apply_chat_template(prompt + reply)`.
+    """
+    if not messages or _check_message(messages[0], 0)[0] != "assistant":
+        raise ValueError("a completion must start with an assistant message")
+    return apply_chat_template(messages)[len(_GENERATION_PROMPT) :]
+
+
+def _check_message(message: object, index: int) -> tuple[str, str]:
+    if not isinstance(message, Mapping):
+        raise ValueError(f"message {index} must be an object with 'role' and 'content'")
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise ValueError(f"message {index} must have string 'role' and 'content'")
+    if role not in CHAT_ROLES:
+        expected = ", ".join(CHAT_ROLES)
+        raise ValueError(f"message {index} has unknown role {role!r} (expected one of {expected})")
+    return role, content
