@@ -1,0 +1,40 @@
+"""Compiled training steps: ``make_X_step(...) -> step(state, batch) -> (state, metrics)``."""
+
+from jaxalign.train.preference import (
+    PREFERENCE_LOSSES,
+    make_preference_step,
+    make_reference_logps_fn,
+    pair_logps,
+    preference_loss,
+)
+from jaxalign.train.reward import make_reward_step, ranking_pair_weights, reward_loss
+from jaxalign.train.sft import make_sft_step, sft_loss
+from jaxalign.train.state import (
+    TrainState,
+    apply_gradients,
+    compile_step,
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    nonfinite_count,
+)
+
+__all__ = [
+    "PREFERENCE_LOSSES",
+    "TrainState",
+    "apply_gradients",
+    "compile_step",
+    "create_train_state",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "make_preference_step",
+    "make_reference_logps_fn",
+    "make_reward_step",
+    "make_sft_step",
+    "nonfinite_count",
+    "pair_logps",
+    "preference_loss",
+    "ranking_pair_weights",
+    "reward_loss",
+    "sft_loss",
+]
