@@ -1,4 +1,10 @@
-"""Compiled training steps: ``make_X_step(...) -> step(state, batch) -> (state, metrics)``."""
+"""Compiled training steps: ``make_X_step(...) -> step(state, batch) -> (state, metrics)``.
+
+Every factory jits its step with the state donated. With ``axis_name="data"`` it instead returns
+the plain step, which averages gradients and metrics with ``lax.pmean`` over that axis, for
+``jax.pmap(step, axis_name="data")`` or ``shard_map`` data parallelism. Under ``jit`` with a
+mesh no axis name is needed: XLA inserts the reductions.
+"""
 
 from jaxalign.train.preference import (
     PREFERENCE_LOSSES,

@@ -138,6 +138,7 @@ def make_preference_step(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     lam: float = 0.1,
+    axis_name: str | None = None,
     jit: bool = True,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` for DPO, IPO or ORPO, compiled once.
@@ -156,7 +157,12 @@ def make_preference_step(
                                    label_smoothing=label_smoothing, lam=lam)
 
         (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        state, opt_metrics = apply_gradients(state, grads, optimizer)
+        state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
+        if axis_name is not None:
+            metrics = jax.lax.pmean(metrics, axis_name)
+            value = jax.lax.pmean(value, axis_name)
         return state, {"loss": value, **metrics, **opt_metrics}
 
-    return compile_step(step) if jit else step
+    if axis_name is not None or not jit:
+        return step  # the caller wraps it (pmap / shard_map over axis_name, or its own jit)
+    return compile_step(step)

@@ -86,6 +86,7 @@ def make_reward_step(
     optimizer: optax.GradientTransformation,
     *,
     center_coef: float = 0.0,
+    axis_name: str | None = None,
     jit: bool = True,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` training a reward model (pairs or rankings)."""
@@ -95,7 +96,12 @@ def make_reward_step(
             lambda p: reward_loss(model, p, batch, center_coef=center_coef), has_aux=True
         )
         (loss, metrics), grads = grad_fn(state.params)
-        state, opt_metrics = apply_gradients(state, grads, optimizer)
+        state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
+        if axis_name is not None:
+            metrics = jax.lax.pmean(metrics, axis_name)
+            loss = jax.lax.pmean(loss, axis_name)
         return state, {"loss": loss, **metrics, **opt_metrics}
 
-    return compile_step(step) if jit else step
+    if axis_name is not None or not jit:
+        return step  # the caller wraps it (pmap / shard_map over axis_name, or its own jit)
+    return compile_step(step)

@@ -141,8 +141,16 @@ def apply_gradients(
     state: TrainState,
     grads: Any,
     optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser update; returns the new state and ``grad_norm`` / ``skipped`` metrics."""
+    """One optimiser update; returns the new state and ``grad_norm`` / ``skipped`` metrics.
+
+    With ``axis_name`` (inside ``pmap``/``shard_map``) the gradients are first averaged over
+    that axis with ``lax.pmean``, so every replica applies the same update.
+    """
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
