@@ -1,0 +1,289 @@
+"""Throughput, model FLOP utilisation and peak memory of the compiled SFT, reward and DPO steps.
+
+`bench` model config, 8 preference pairs x 128 tokens (32-token prompts). Each measurement runs
+in a fresh subprocess so its peak resident memory (ru_maxrss) belongs to that step alone:
+
+  jax_sft, jax_reward, jax_dpo (reference params in the state), jax_dpo_pre (precomputed
+  reference log-probs), torch_dpo (the same DPO step in PyTorch + transformers: policy
+  forward+backward, reference forward, AdamW), and matmul (the 2048^2 float32 matmul peak of
+  this machine, measured in the same run).
+
+Prints a table and one flat JSON line; `--json` prints only the JSON line.
+
+    python benchmarks/bench_steps.py [--steps 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PAIRS, SEQ, PROMPT = 8, 128, 32
+THREADS = 2
+
+
+def _model_shape():
+    from jaxalign.models import get_config
+
+    cfg = get_config("bench")
+    d, f, layers = cfg.d_model, cfg.d_ff, cfg.n_layers
+    hd = cfg.resolved_head_dim
+    per_layer = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + 3 * d * f
+    matmul_params = layers * per_layer + d * cfg.vocab_size  # lm head; embedding is a gather
+    return cfg, matmul_params
+
+
+def forward_flops(n_sequences: int) -> float:
+    """Model FLOPs of one forward pass: 2·N per token for the weights plus attention scores
+    (QKᵀ and AV, 2·2·T·d per token per layer, full T as in the PaLM MFU convention)."""
+    cfg, matmul_params = _model_shape()
+    tokens = n_sequences * SEQ
+    attention = 4 * cfg.n_layers * SEQ * cfg.n_heads * cfg.resolved_head_dim
+    return tokens * (2 * matmul_params + attention)
+
+
+def step_flops(kind: str) -> float:
+    sequences = 2 * PAIRS
+    if kind == "sft":
+        return 3 * forward_flops(sequences)       # forward + backward (2x forward)
+    if kind == "reward":
+        return 3 * forward_flops(sequences)
+    if kind == "dpo":
+        return 3 * forward_flops(sequences) + forward_flops(sequences)   # + reference forward
+    if kind == "dpo_pre":
+        return 3 * forward_flops(sequences)
+    raise ValueError(kind)
+
+
+def _batches(seed=0):
+    import numpy as np
+
+    cfg, _ = _model_shape()
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.vocab_size, (2, PAIRS, SEQ)).astype(np.int32)
+    attn = np.ones((PAIRS, SEQ), np.int32)
+    comp = np.zeros((PAIRS, SEQ), np.int32)
+    comp[:, PROMPT:] = 1
+    pref = {"chosen_ids": ids[0], "rejected_ids": ids[1], "chosen_attention_mask": attn,
+            "rejected_attention_mask": attn, "chosen_completion_mask": comp,
+            "rejected_completion_mask": comp, "margin": np.zeros(PAIRS, np.float32),
+            "p_chosen": np.ones(PAIRS, np.float32)}
+    sft = {"input_ids": ids.reshape(2 * PAIRS, SEQ), "attention_mask": np.ones((2 * PAIRS, SEQ), np.int32),
+           "completion_mask": np.concatenate([comp, comp])}
+    return pref, sft
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_jax(kind: str, steps: int) -> dict:
+    import jax
+
+    from jaxalign import train
+    from jaxalign.models import CausalLM, RewardModel, init_params
+
+    cfg, _ = _model_shape()
+    pref, sft = _batches()
+    opt = train.make_optimizer(1e-5, total_steps=1000)
+    key = jax.random.key(0)
+    if kind == "reward":
+        model = RewardModel(cfg)
+        state = train.create_train_state(init_params(model, key), opt, key)
+        step, batch = train.make_reward_step(model, opt), pref
+    elif kind == "sft":
+        model = CausalLM(cfg)
+        state = train.create_train_state(init_params(model, key), opt, key)
+        step, batch = train.make_sft_step(model, opt), sft
+    else:
+        model = CausalLM(cfg)
+        params = init_params(model, key)
+        step = train.make_preference_step(model, opt, loss="dpo", beta=0.1)
+        if kind == "dpo_pre":
+            ref = train.make_reference_logps_fn(model, loss="dpo")(params, pref)
+            batch = {**pref, **jax.device_get(ref)}
+            state = train.create_train_state(params, opt, key)
+        else:
+            batch = pref
+            state = train.create_train_state(params, opt, key, ref_params=params)
+    batch = jax.device_put(batch)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"step_s": times[len(times) // 2], "compile_s": compile_s,
+            "peak_rss_mb": _peak_rss_mb(), "loss": float(metrics["loss"])}
+
+
+def worker_torch_dpo(steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    cfg, _ = _model_shape()
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                         intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                         max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+                         rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+    policy = LlamaForCausalLM(hf_cfg)
+    ref = LlamaForCausalLM(hf_cfg)
+    ref.load_state_dict(policy.state_dict())
+    ref.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    pref, _ = _batches()
+    ids = torch.from_numpy(__import__("numpy").concatenate([pref["chosen_ids"], pref["rejected_ids"]])).long()
+    attn = torch.ones_like(ids)
+    comp = torch.from_numpy(__import__("numpy").concatenate(
+        [pref["chosen_completion_mask"], pref["rejected_completion_mask"]])).float()
+
+    def seq_logps(model, ids):
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        logps = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
+        return (logps * comp[:, 1:]).sum(-1)
+
+    def step():
+        with torch.no_grad():
+            ref_logps = seq_logps(ref, ids)
+        logps = seq_logps(policy, ids)
+        pc, pr = logps.chunk(2)
+        rc, rr = ref_logps.chunk(2)
+        loss = -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    start = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"step_s": times[len(times) // 2], "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_matmul(repeats: int = 10) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return {"gflops": 2 * n**3 / best / 1e9}
+
+
+def _spawn(name: str, steps: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        if args.worker == "matmul":
+            result = worker_matmul()
+        elif args.worker == "torch_dpo":
+            result = worker_torch_dpo(args.steps)
+        else:
+            result = worker_jax(args.worker.removeprefix("jax_"), args.steps)
+        print(json.dumps(result))
+        return
+
+    results = {"matmul": _spawn("matmul", args.steps)}
+    for kind in ("sft", "reward", "dpo", "dpo_pre"):
+        results[kind] = _spawn(f"jax_{kind}", args.steps)
+    if _have_torch():
+        results["torch_dpo"] = _spawn("torch_dpo", args.steps)
+    peak = results["matmul"]["gflops"]
+    tokens = 2 * PAIRS * SEQ
+
+    rows = []
+    for kind in ("sft", "reward", "dpo", "dpo_pre"):
+        r = results[kind]
+        flops_kind = "dpo_pre" if kind == "dpo_pre" else kind
+        mfu = step_flops(flops_kind) / r["step_s"] / (peak * 1e9)
+        rows.append((f"jaxalign {kind}", r["step_s"], tokens / r["step_s"], mfu, r["compile_s"], r["peak_rss_mb"]))
+    if "torch_dpo" in results:
+        r = results["torch_dpo"]
+        mfu = step_flops("dpo") / r["step_s"] / (peak * 1e9)
+        rows.append(("pytorch dpo", r["step_s"], tokens / r["step_s"], mfu, r["compile_s"], r["peak_rss_mb"]))
+
+    summary = {
+        "sft_tokens_per_s": round(tokens / results["sft"]["step_s"], 1),
+        "reward_tokens_per_s": round(tokens / results["reward"]["step_s"], 1),
+        "dpo_tokens_per_s": round(tokens / results["dpo"]["step_s"], 1),
+        "dpo_precomputed_tokens_per_s": round(tokens / results["dpo_pre"]["step_s"], 1),
+        "dpo_mfu": round(step_flops("dpo") / results["dpo"]["step_s"] / (peak * 1e9), 4),
+        "matmul_peak_gflops": round(peak, 1),
+        "dpo_peak_rss_mb": round(results["dpo"]["peak_rss_mb"], 1),
+        "dpo_precomputed_peak_rss_mb": round(results["dpo_pre"]["peak_rss_mb"], 1),
+    }
+    if "torch_dpo" in results:
+        torch_tps = tokens / results["torch_dpo"]["step_s"]
+        summary.update({
+            "torch_dpo_tokens_per_s": round(torch_tps, 1),
+            "ratio_dpo_vs_torch": round(summary["dpo_tokens_per_s"] / torch_tps, 3),
+            "torch_dpo_peak_rss_mb": round(results["torch_dpo"]["peak_rss_mb"], 1),
+            "rss_ratio_dpo_vs_torch": round(results["dpo"]["peak_rss_mb"] / results["torch_dpo"]["peak_rss_mb"], 3),
+            "rss_ratio_dpo_precomputed_vs_torch": round(
+                results["dpo_pre"]["peak_rss_mb"] / results["torch_dpo"]["peak_rss_mb"], 3),
+        })
+    if not args.json:
+        print(f"bench config, {PAIRS} pairs x {SEQ} tokens ({tokens} tokens/step), "
+              f"matmul peak {peak:.1f} GFLOP/s, median of {args.steps} steps")
+        print(f"{'step':<22}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}{'compile s':>11}{'peak RSS MB':>13}")
+        for name, s, tps, mfu, comp, rss in rows:
+            print(f"{name:<22}{s:>9.3f}{tps:>11.0f}{mfu:>8.1%}{comp:>11.2f}{rss:>13.0f}")
+        if "torch_dpo" in results:
+            print(f"DPO tokens/s ratio vs PyTorch: {summary['ratio_dpo_vs_torch']:.2f}x; peak RSS ratio "
+                  f"{summary['rss_ratio_dpo_vs_torch']:.2f}x (precomputed reference "
+                  f"{summary['rss_ratio_dpo_precomputed_vs_torch']:.2f}x)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
