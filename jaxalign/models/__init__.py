@@ -1,0 +1,44 @@
+"""Stateless ``flax.linen`` models: a Llama-style trunk, its heads, and Hugging Face interop."""
+
+from jaxalign.models.config import PRESETS, TransformerConfig, get_config
+from jaxalign.models.heads import (
+    CausalLM,
+    CausalLMWithValueHead,
+    RewardModel,
+    ValueModel,
+    init_head_from_causal_lm,
+    init_params,
+    last_token_index,
+    logical_axes,
+    value_params_from_lm,
+)
+from jaxalign.models.hf import load_hf, save_hf
+from jaxalign.models.transformer import (
+    LOGICAL_AXIS_NAMES,
+    KVCache,
+    Transformer,
+    init_cache,
+    positions_from_mask,
+)
+
+__all__ = [
+    "LOGICAL_AXIS_NAMES",
+    "PRESETS",
+    "CausalLM",
+    "CausalLMWithValueHead",
+    "KVCache",
+    "RewardModel",
+    "Transformer",
+    "TransformerConfig",
+    "ValueModel",
+    "get_config",
+    "init_cache",
+    "init_head_from_causal_lm",
+    "init_params",
+    "last_token_index",
+    "load_hf",
+    "logical_axes",
+    "positions_from_mask",
+    "save_hf",
+    "value_params_from_lm",
+]
