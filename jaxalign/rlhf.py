@@ -250,12 +250,22 @@ def make_rlhf_step(
     controller = config.kl_controller()
     k = config.samples_per_prompt
 
-    def policy_forward(params, ids, attn, prompt_len):
-        out = policy.apply({"params": params}, ids, attn)
-        logits, values = (out if config.shared_value_head else (out, None))
-        logits = logits[:, prompt_len - 1:-1] / temperature
-        values = None if values is None else values[:, prompt_len - 1:-1]
+    def completion_outputs(module, ids, attn, prompt_len):
+        # Slice the [B, T, D] hidden states to the positions that predict completion tokens
+        # before the LM head, so no [B, T, V] logits are computed for the prompt (or copied).
+        hidden, _ = module.trunk(ids, attn)
+        hidden = hidden[:, prompt_len - 1:-1]
+        if module.config.tie_embeddings:
+            logits = module.trunk.attend(hidden)
+        else:
+            logits = module.lm_head(hidden)
+        values = module.value_head(hidden) if config.shared_value_head else None
         return logits, values
+
+    def policy_forward(params, ids, attn, prompt_len):
+        logits, values = policy.apply({"params": params}, ids, attn, prompt_len,
+                                      method=completion_outputs)
+        return logits / temperature, values
 
     def value_forward(params, ids, attn, prompt_len):
         return value.apply({"params": params}, ids, attn)[:, prompt_len - 1:-1]
