@@ -8,9 +8,12 @@ in a fresh subprocess so its peak resident memory (ru_maxrss) belongs to that st
   forward+backward, reference forward, AdamW), and matmul (the 2048^2 float32 matmul peak of
   this machine, measured in the same run).
 
+The machine is shared and noisy, and interference only ever adds time, so every step time is
+the fastest of `--steps` steps, the workers run `--rounds` times interleaved (jax, torch, jax,
+torch, ...) and each side keeps its best round; ratios therefore compare best with best.
 Prints a table and one flat JSON line; `--json` prints only the JSON line.
 
-    python benchmarks/bench_steps.py [--steps 10] [--json]
+    python benchmarks/bench_steps.py [--steps 10] [--rounds 2] [--json]
 """
 
 from __future__ import annotations
@@ -122,8 +125,7 @@ def worker_jax(kind: str, steps: int) -> dict:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    times.sort()
-    return {"step_s": times[len(times) // 2], "compile_s": compile_s,
+    return {"step_s": min(times), "compile_s": compile_s,
             "peak_rss_mb": _peak_rss_mb(), "loss": float(metrics["loss"])}
 
 
@@ -177,8 +179,7 @@ def worker_torch_dpo(steps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    times.sort()
-    return {"step_s": times[len(times) // 2], "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+    return {"step_s": min(times), "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
 
 
 def worker_matmul(repeats: int = 10) -> dict:
@@ -219,6 +220,7 @@ def _have_torch() -> bool:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions per worker")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,11 +235,20 @@ def main(argv=None) -> None:
         print(json.dumps(result))
         return
 
-    results = {"matmul": _spawn("matmul", args.steps)}
-    for kind in ("sft", "reward", "dpo", "dpo_pre"):
-        results[kind] = _spawn(f"jax_{kind}", args.steps)
+    workers = ["matmul"] + [f"jax_{kind}" for kind in ("sft", "reward", "dpo", "dpo_pre")]
     if _have_torch():
-        results["torch_dpo"] = _spawn("torch_dpo", args.steps)
+        workers.append("torch_dpo")
+    results: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for worker in workers:
+            name = worker.removeprefix("jax_")
+            result = _spawn(worker, args.steps)
+            best = results.get(name)
+            if name == "matmul":
+                if best is None or result["gflops"] > best["gflops"]:
+                    results[name] = result
+            elif best is None or result["step_s"] < best["step_s"]:
+                results[name] = result
     peak = results["matmul"]["gflops"]
     tokens = 2 * PAIRS * SEQ
 
@@ -274,7 +285,7 @@ def main(argv=None) -> None:
         })
     if not args.json:
         print(f"bench config, {PAIRS} pairs x {SEQ} tokens ({tokens} tokens/step), "
-              f"matmul peak {peak:.1f} GFLOP/s, median of {args.steps} steps")
+              f"matmul peak {peak:.1f} GFLOP/s, best of {args.steps} steps x {args.rounds} rounds")
         print(f"{'step':<22}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}{'compile s':>11}{'peak RSS MB':>13}")
         for name, s, tps, mfu, comp, rss in rows:
             print(f"{name:<22}{s:>9.3f}{tps:>11.0f}{mfu:>8.1%}{comp:>11.2f}{rss:>13.0f}")
