@@ -1,19 +1,24 @@
-"""``jaxalign sft|rm|dpo|ipo|orpo``: train from a JSONL file, log, checkpoint, resume, export.
+"""``jaxalign sft|rm|dpo|ipo|orpo|ppo|rs|label``: train, label and fine-tune from JSONL files.
 
     jaxalign sft --data sft.jsonl --out runs/sft --model small --steps 500
     jaxalign rm  --data prefs.jsonl --out runs/rm --init-from runs/sft
     jaxalign dpo --data prefs.jsonl --out runs/dpo --init-from runs/sft --beta 0.1 --precompute-ref
     jaxalign dpo --config runs/dpo.yaml --steps 1000          # file values, flags win
     jaxalign dpo --out runs/dpo --data prefs.jsonl --resume   # continue from the last checkpoint
+    jaxalign ppo --prompts p.jsonl --policy runs/sft --reward runs/rm --out runs/ppo --mesh data=4
+    jaxalign rs --prompts p.jsonl --policy runs/sft --reward runs/rm --n 8 --rounds 3 --out runs/rs
+    jaxalign label --judge runs/sft --pairs pairs.jsonl --constitution cai.yaml --out labels.jsonl
 
-Every option is a field of :class:`TrainConfig`. Values come from its defaults, then the
-``--config`` file (YAML read with ``yaml.safe_load``, or JSON; keys are field names, ``-`` or
-``_``), then the flags actually given on the command line. Unknown keys are an error naming the
-key. Nothing is ever unpickled.
+Every option is a field of the command's config dataclass (:class:`TrainConfig` for the five
+training commands; :class:`~jaxalign.rl_options.PPOConfig`, ``RSConfig``, ``LabelConfig``).
+Values come from its defaults, then the ``--config`` file (YAML read with ``yaml.safe_load``, or
+JSON; keys are field names, ``-`` or ``_``), then the flags actually given on the command line.
+Unknown keys are an error naming the key. Nothing is ever unpickled.
 
 The same run from Python, without argparse: ``run_training("dpo", {"data": ..., "out": ...})``
-returns the summary dict. The run itself is :func:`jaxalign.runner.train`, imported only when a
-run starts (``--help`` does not load Orbax, Flax or TensorBoard).
+returns the summary dict. The runs themselves (:func:`jaxalign.runner.train`,
+:func:`jaxalign.run_ppo.ppo`, :func:`jaxalign.run_rs.rs`, :func:`jaxalign.run_label.label`) are
+imported only when a run starts (``--help`` does not load Orbax, Flax or TensorBoard).
 
 Exit status: 0 done; 2 bad data (``file:line: reason`` on stderr), bad options or config file,
 or a checkpoint that does not fit the model (the message names the field).
@@ -23,40 +28,45 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
+import importlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
+from jaxalign.options import ConfigError, add_options, checked, load_config_file, option
+from jaxalign.rl_options import LabelConfig, PPOConfig, RSConfig
 
 __all__ = [
-    "COMMANDS", "ConfigError", "TrainConfig", "build_parser", "load_config_file", "main",
-    "make_config", "parse_args", "run_training",
+    "COMMANDS", "ConfigError", "TRAIN_COMMANDS", "TrainConfig", "build_parser", "config_class",
+    "load_config_file", "main", "make_config", "parse_args", "run_training",
 ]
 
-COMMANDS = {
+TRAIN_COMMANDS = {
     "sft": "supervised fine-tuning on {prompt, completion} records",
     "rm": "reward model (Bradley-Terry) on {prompt, chosen, rejected} pairs or rankings",
     "dpo": "direct preference optimisation on {prompt, chosen, rejected}",
     "ipo": "identity preference optimisation on {prompt, chosen, rejected}",
     "orpo": "odds-ratio preference optimisation (no reference model) on {prompt, chosen, rejected}",
 }
-_ALL = tuple(COMMANDS)
+COMMANDS = {
+    **TRAIN_COMMANDS,
+    "ppo": "RLHF with PPO (or GRPO/RLOO) against a reward model, on {prompt} records",
+    "rs": "rejection-sampling fine-tuning: best-of-n of every prompt under a reward model, then"
+          " SFT on the best, in rounds",
+    "label": "label response pairs with a judge model (AI feedback) into soft preference JSONL",
+}
+_ALL = tuple(TRAIN_COMMANDS)
+# command -> (config class, "module:function" of its run, imported when the run starts)
+_RUNS = {
+    **{command: (None, "jaxalign.runner:train") for command in TRAIN_COMMANDS},
+    "ppo": (PPOConfig, "jaxalign.run_ppo:ppo"),
+    "rs": (RSConfig, "jaxalign.run_rs:rs"),
+    "label": (LabelConfig, "jaxalign.run_label:label"),
+}
 
 
-class ConfigError(ValueError):
-    """A bad option value, config file or config key (the message names it)."""
-
-
-def _opt(default: Any, help: str, *, type: Any = str, commands: tuple[str, ...] = _ALL,
-         choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
-    metadata = {"help": help, "type": type, "commands": commands, "choices": choices,
-                "metavar": metavar}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+def _opt(default: Any, help: str, *, commands: tuple[str, ...] = _ALL, **kwargs: Any) -> Any:
+    return option(default, help, commands=commands, **kwargs)
 
 
 _REF = ("dpo", "ipo")
@@ -132,7 +142,6 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
-
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` (the schedule spans the
         optimiser updates: ``steps / grad_accum_steps``)."""
@@ -150,117 +159,28 @@ class TrainConfig:
                 "orpo": {"lam": self.lam}}[kind]
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               dict: "a mapping (or a JSON object string)"}
+def config_class(command: str) -> type:
+    """The config dataclass of ``command`` (:class:`TrainConfig` for the training commands)."""
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    return _RUNS[command][0] or TrainConfig
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """A config-file value checked (and converted, e.g. YAML's string '1e-3') to the field type."""
-    field = _FIELDS[name]
-    kind = field.metadata["type"]
-    if value is None and field.default is None:
-        return None
-    if kind is str and isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if kind is dict and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"config key '{name}': invalid JSON ({error.msg})") from None
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        dict: isinstance(value, dict),
-    }[kind]
-    if not ok and kind is float and isinstance(value, str):
-        try:
-            value, ok = float(value), True
-        except ValueError:
-            pass
-    if not ok:
-        raise ConfigError(f"config key '{name}' must be {_TYPE_NAMES[kind]}, got {value!r}")
-    if field.metadata["choices"] and value not in field.metadata["choices"]:
-        raise ConfigError(f"config key '{name}' must be one of {field.metadata['choices']},"
-                          f" got {value!r}")
-    return float(value) if kind is float else value
-
-
-def _checked(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Keys normalised to field names (``-`` -> ``_``) and values checked against field types."""
-    checked = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in _FIELDS:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(_FIELDS))})")
-        checked[name] = _coerce(name, value)
-    return checked
-
-
-def make_config(values: Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:
-    """A :class:`TrainConfig` from a mapping (keys with ``-`` or ``_``); unknown keys are errors."""
-    if isinstance(values, TrainConfig):
+def make_config(values: Mapping[str, Any] | Any = None, *, command: str = "sft") -> Any:
+    """The config of ``command`` (default: a :class:`TrainConfig`) from a mapping (keys with
+    ``-`` or ``_``); unknown keys are errors. A config dataclass instance is returned as is."""
+    cls = config_class(command)
+    if isinstance(values, cls):
         return values
-    return TrainConfig(**_checked(values or {}))
-
-
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a YAML (``yaml.safe_load``) or JSON config file into a dict (keys not yet checked)."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-    try:
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as error:
-        raise ConfigError(f"config file {path}: {error}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
-    return values
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"invalid JSON: {error.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-    meta = field.metadata
-    flag = "--" + field.name.replace("_", "-")
-    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-    shown = json.dumps(default) if isinstance(default, dict) else default
-    help_text = meta["help"]
-    if "default:" not in help_text and "(required)" not in help_text:
-        help_text += f" (default: {shown})"
-    # SUPPRESS: only flags actually given appear in the namespace, so they can win over the file.
-    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-    if meta["type"] is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-    else:
-        kwargs["type"] = _json_object if meta["type"] is dict else meta["type"]
-        kwargs["metavar"] = meta["metavar"] or {int: "N", float: "X"}.get(meta["type"], "VALUE")
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-            kwargs.pop("metavar")
-    parser.add_argument(flag, **kwargs)
+    return cls(**checked(cls, values or {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``jaxalign`` parser: one subcommand per training kind, each with its options."""
+    """The ``jaxalign`` parser: one subcommand per command, each with its options."""
     parser = argparse.ArgumentParser(
         prog="jaxalign", description="Align language models in pure JAX: SFT, reward models,"
-        " DPO, IPO, ORPO. See 'jaxalign COMMAND --help' for a command's options.")
+        " DPO, IPO, ORPO, PPO, rejection sampling, AI-feedback labelling. See"
+        " 'jaxalign COMMAND --help' for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, summary in COMMANDS.items():
         p = sub.add_parser(command, help=summary, description=f"jaxalign {command}: {summary}."
@@ -268,36 +188,39 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                        help="YAML or JSON file of options (keys are option names); flags given"
                        " on the command line win (default: none)")
-        for field in dataclasses.fields(TrainConfig):
-            if command in field.metadata["commands"]:
-                _add_option(p, field)
+        add_options(p, config_class(command), command)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[str, TrainConfig]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[str, Any]:
     """``(command, config)`` from command-line arguments, merged over ``--config`` if given.
 
     argparse errors exit with status 2 (``SystemExit``); a bad config raises :class:`ConfigError`.
     """
     given = vars(build_parser().parse_args(argv))
     command = given.pop("command")
-    values = _checked(load_config_file(given.pop("config"))) if "config" in given else {}
+    cls = config_class(command)
+    values = checked(cls, load_config_file(given.pop("config"))) if "config" in given else {}
     values.update(given)  # flags win
-    return command, TrainConfig(**values)
+    return command, cls(**values)
 
 
-def run_training(kind: str, config: Mapping[str, Any] | TrainConfig) -> dict[str, Any]:
-    """Trains ``kind`` (sft, rm, dpo, ipo, orpo) as the CLI would; returns the summary dict.
+def _run_function(command: str) -> Any:
+    module, name = _RUNS[command][1].split(":")
+    return getattr(importlib.import_module(module), name)
 
-    ``config`` is a :class:`TrainConfig` or a mapping of its fields (``data`` and ``out`` are
-    required). Raises ``DataError``, :class:`ConfigError`, ``CheckpointMismatchError`` or
+
+def run_training(kind: str, config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """Runs command ``kind`` (sft, rm, dpo, ipo, orpo, ppo, rs, label) as the CLI would; returns
+    the summary dict.
+
+    ``config`` is the command's config dataclass or a mapping of its fields (the options marked
+    required are). Raises ``DataError``, :class:`ConfigError`, ``CheckpointMismatchError`` or
     ``jaxalign.runner.RunError`` instead of exiting.
     """
-    if kind not in COMMANDS:
-        raise ConfigError(f"unknown command {kind!r}; choose one of {', '.join(COMMANDS)}")
-    from jaxalign import runner  # noqa: PLC0415  (keeps `jaxalign --help` light)
-
-    return runner.train(kind, make_config(config))
+    config = make_config(config, command=kind)
+    run = _run_function(kind)
+    return run(kind, config) if kind in TRAIN_COMMANDS else run(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,16 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"jaxalign: error: {error}", file=sys.stderr)
         return 2
-    from jaxalign import runner  # noqa: PLC0415
     from jaxalign.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from jaxalign.data import DataError  # noqa: PLC0415
+    from jaxalign.run_loop import RunError  # noqa: PLC0415
 
     try:
-        runner.train(command, config)
+        run_training(command, config)
     except DataError as error:
         print(error, file=sys.stderr)  # already "file:line: reason"
         return 2
-    except (ConfigError, CheckpointMismatchError, runner.RunError) as error:
+    except (ConfigError, CheckpointMismatchError, RunError) as error:
         print(f"jaxalign {command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""The training run behind ``jaxalign sft|rm|dpo|ipo|orpo`` (layer 3: files, clocks, progress).
+"""Building a ``jaxalign sft|rm|dpo|ipo|orpo`` run: tokenizer, model, data, final-model files.
 
 A run directory ``DIR`` (``--out``) holds::
 
@@ -15,9 +15,8 @@ A run directory ``DIR`` (``--out``) holds::
 Everything is read and checked (the whole data file included) before anything is written.
 Batch ``s`` is ``DataLoader.batch_at(s)``, a pure function of (seed, s), and the PRNG key and
 optimiser state live in the checkpointed :class:`~jaxalign.train.TrainState`, so a run resumed
-from step ``k`` logs exactly the lines an uninterrupted run logs after ``k`` (metrics.jsonl is
-cut back to step ``k`` first; wall-clock figures go to TensorBoard and the summary only).
-The loop syncs with the device only on logged steps (``jax.device_get`` of the metrics).
+from step ``k`` logs exactly the lines an uninterrupted run logs after ``k``; the loop, logging
+and checkpointing are :func:`jaxalign.run_loop.run_loop`, shared with ``ppo``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -34,25 +32,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from jaxalign import train as steps
-from jaxalign.checkpoint import CheckpointMismatchError, Checkpointer, config_mismatches
+from jaxalign.checkpoint import Checkpointer
 from jaxalign.cli import TrainConfig
 from jaxalign.data import DataConfig, DataLoader, Dataset, load_jsonl
 from jaxalign.models import (
     PRESETS, CausalLM, RewardModel, TransformerConfig, get_config, init_head_from_causal_lm,
-    init_params, load_hf, save_hf,
+    init_params, load_hf,
 )
+from jaxalign.run_dir import config_from_dict, config_to_dict, final_dir, load_final, save_final
+from jaxalign.run_loop import (RunError, check_checkpoints, prepare_out, restore, run_loop,
+                               write_summary)
 from jaxalign.tokenizer import Tokenizer, apply_chat_template
 
-__all__ = ["RunError", "config_from_dict", "config_to_dict", "initial_model", "load_final", "train"]
+__all__ = ["RunError", "config_from_dict", "config_to_dict", "final_dir", "initial_model",
+           "load_final", "model_source", "save_final", "train"]
 
-_MODEL_TYPES = {"causal_lm": CausalLM, "reward_model": RewardModel}
 _DATA_KINDS = {"sft": ("sft",), "rm": ("preference", "ranking"), "dpo": ("preference",),
                "ipo": ("preference",), "orpo": ("preference",)}
 # Options that change the trajectory: resuming with other values is allowed, but warned about.
@@ -60,77 +57,6 @@ _TRAJECTORY_OPTIONS = ("data", "steps", "lr", "warmup_steps", "end_lr_ratio", "w
                        "max_grad_norm", "grad_accum_steps", "beta", "label_smoothing", "lam",
                        "center_coef", "include_prompt", "precompute_ref", "max_length",
                        "max_prompt_length", "pad_multiple")
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
-
-
-# ------------------------------------------------------------------------------ model configs
-def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
-    """A model config as plain JSON (dtypes by name), as stored in checkpoints and config.json."""
-    values = dataclasses.asdict(config)
-    for name in ("dtype", "param_dtype"):
-        values[name] = jnp.dtype(values[name]).name
-    return values
-
-
-def config_from_dict(values: dict[str, Any]) -> TransformerConfig:
-    """Inverse of :func:`config_to_dict`."""
-    known = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RunError(f"unknown model config fields {unknown}")
-    return TransformerConfig(**values)
-
-
-def _final_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    for candidate in (path / "final", path):
-        if (candidate / "config.json").is_file() and (candidate / "params").is_dir():
-            return candidate.absolute()
-    raise RunError(f"{path} holds no finished jaxalign run (expected {path}/final/config.json)")
-
-
-def load_final(path: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, params, info)`` of a finished run's ``final/`` (``path`` = DIR or DIR/final).
-
-    ``info`` is ``final/config.json``; the tokenizer is ``Tokenizer.from_file(DIR/final/tokenizer)``.
-    """
-    final = _final_dir(path)
-    info = json.loads((final / "config.json").read_text(encoding="utf-8"))
-    model = _MODEL_TYPES[info["model_type"]](config_from_dict(info["model_config"]))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-        jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
-    checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(final / "params", abstract)
-    checkpointer.close()
-    return model, params, info
-
-
-def _save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokenizer,
-                step: int, export_hf: bool) -> tuple[Path, Path | None]:
-    final = out / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(final / "params", params, force=True)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    model_type = "reward_model" if isinstance(model, RewardModel) else "causal_lm"
-    info = {"model_type": model_type, "kind": kind, "step": step,
-            "model_config": config_to_dict(model.config)}
-    (final / "config.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    tokenizer.save(final / "tokenizer")
-    hf_dir = None
-    if export_hf:
-        hf_dir = out / "hf"
-        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-               "pad_token_id": tokenizer.pad_id}
-        save_hf(model, params, hf_dir, extra_config={k: v for k, v in ids.items() if v is not None})
-        tokenizer.save(hf_dir)
-    return final, hf_dir
 
 
 # ------------------------------------------------------------------------------ setup
@@ -156,7 +82,7 @@ def _load_tokenizer(config: TrainConfig, out: Path, resuming: bool) -> tuple[Tok
     if config.tokenizer is not None:
         source = Path(config.tokenizer)
     elif config.init_from is not None:
-        source = _final_dir(config.init_from) / "tokenizer"
+        source = final_dir(config.init_from) / "tokenizer"
     elif os.path.isdir(config.model):
         source = Path(config.model)
     elif resuming and (out / "tokenizer" / "tokenizer.json").is_file():
@@ -173,32 +99,37 @@ def _load_tokenizer(config: TrainConfig, out: Path, resuming: bool) -> tuple[Tok
     return Tokenizer.from_file(source), False
 
 
-def _model_source(kind: str, config: TrainConfig,
-                  tokenizer: Tokenizer) -> tuple[Any, Callable[[jax.Array], Any]]:
-    """The model a run trains and ``key -> initial params`` (a preset is initialised lazily, so
-    that bad data is reported before any compilation)."""
-    if config.init_from is not None or os.path.isdir(config.model):
-        if config.model_overrides:
+def model_source(kind: str, tokenizer: Tokenizer, *, model: str = "tiny",
+                 init_from: str | None = None, model_overrides: dict | None = None,
+                 flag: str | None = None) -> tuple[Any, Callable[[jax.Array], Any]]:
+    """The model a ``kind`` run trains and ``key -> initial params``: a preset ``model`` (with
+    ``model_overrides`` and the tokenizer's vocabulary; initialised lazily, so that bad data is
+    reported before any compilation), an HF directory ``model``, or an earlier run
+    ``init_from``. ``rm`` puts a score head on a causal LM's trunk; other kinds need a causal
+    LM. ``flag`` names the source in messages (default ``--init-from DIR`` / ``--model X``)."""
+    if init_from is not None or os.path.isdir(model):
+        if model_overrides:
             raise RunError("--model-overrides applies to presets, not to --init-from or an HF"
                            " model directory")
-        if config.init_from is not None:
-            source = f"--init-from {config.init_from}"
-            model, params, _ = load_final(config.init_from)
+        if init_from is not None:
+            source = flag or f"--init-from {init_from}"
+            model, params, _ = load_final(init_from)
         else:
-            source = f"--model {config.model}"
+            source = flag or f"--model {model}"
             try:
-                model, params = load_hf(config.model)
+                model, params = load_hf(model)
             except (OSError, ValueError, KeyError) as error:
                 raise RunError(f"{source}: cannot load a Hugging Face model: {error}") from None
         make_params = lambda key: params  # noqa: E731
     else:
-        source = f"--model {config.model}"
-        overrides = {**config.model_overrides, "vocab_size": tokenizer.vocab_size}
-        if config.model_overrides.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
-            raise RunError(f"model_overrides vocab_size={config.model_overrides['vocab_size']}"
+        source = flag or f"--model {model}"
+        model_overrides = model_overrides or {}
+        overrides = {**model_overrides, "vocab_size": tokenizer.vocab_size}
+        if model_overrides.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
+            raise RunError(f"model_overrides vocab_size={model_overrides['vocab_size']}"
                            f" is smaller than the tokenizer's {tokenizer.vocab_size} ids")
         try:
-            model_config = get_config(config.model, **overrides)
+            model_config = get_config(model, **overrides)
         except TypeError as error:
             raise RunError(f"bad --model-overrides: {error}") from None
         model = (RewardModel if kind == "rm" else CausalLM)(model_config)
@@ -220,8 +151,14 @@ def initial_model(kind: str, config: TrainConfig, tokenizer: Tokenizer,
     """``(model, params)`` a run of ``kind`` starts from: a preset (random init from ``key``,
     with the tokenizer's vocabulary), an HF directory (``load_hf``) or an earlier run
     (``--init-from``); ``rm`` puts a score head (from ``key``) on a causal LM's trunk."""
-    model, make_params = _model_source(kind, config, tokenizer)
+    model, make_params = _config_model_source(kind, config, tokenizer)
     return model, make_params(key)
+
+
+def _config_model_source(kind: str, config: TrainConfig,
+                         tokenizer: Tokenizer) -> tuple[Any, Callable[[jax.Array], Any]]:
+    return model_source(kind, tokenizer, model=config.model, init_from=config.init_from,
+                        model_overrides=config.model_overrides)
 
 
 def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
@@ -287,106 +224,8 @@ def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options:
     return step, create_state, jax.jit(schedule)
 
 
-def _checkpoint_steps(directory: Path) -> list[int]:
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-# ------------------------------------------------------------------------------ logging
-class _Log:
-    """metrics.jsonl, TensorBoard and the progress bar; measures tokens/s between log steps."""
-
-    def __init__(self, out: Path, kind: str, config: TrainConfig, start: int) -> None:
-        path = out / "metrics.jsonl"
-        kept = []
-        if start and path.exists():  # drop what a crashed run logged after its last checkpoint
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _logged_step(line) <= start]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
-        self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
-        self.bar = tqdm(total=config.steps, initial=start, desc=f"jaxalign {kind}", unit="step",
-                        disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
-        self.config, self.tokens = config, 0
-        self.first_log: tuple[float, int] | None = None  # (time, tokens) after the first log
-        self.last_log = (time.perf_counter(), 0)
-
-    def log(self, step: int, metrics: dict[str, Any], lr: float) -> dict[str, float]:
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "lr": lr}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        now = time.perf_counter()
-        rate = (self.tokens - self.last_log[1]) / max(now - self.last_log[0], 1e-9)
-        self.last_log = (now, self.tokens)
-        self.first_log = self.first_log or self.last_log
-        for name, value in record.items():
-            if name != "step":
-                self.writer.add_scalar(name, value, step)
-        self.writer.add_scalar("perf/tokens_per_s", rate, step)
-        loss = record["loss"]
-        if self.config.progress:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
-        else:
-            print(f"step {step}/{self.config.steps} loss {loss:.4f} tokens/s {rate:.0f}",
-                  file=sys.stderr)
-        return record
-
-    def steady_rate(self, started: float) -> float:
-        """Tokens/s after the first logged step (which includes compilation) when possible."""
-        now = time.perf_counter()
-        begin_time, begin_tokens = self.first_log or (started, 0)
-        if self.tokens == begin_tokens:
-            begin_time, begin_tokens = started, 0
-        return (self.tokens - begin_tokens) / max(now - begin_time, 1e-9)
-
-    def close(self) -> None:
-        self.bar.close()
-        self.writer.close()
-        self.file.close()
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a torn or foreign line (so it is dropped)."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
 def _count_tokens(batch: dict[str, np.ndarray]) -> int:
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
-
-
-# ------------------------------------------------------------------------------ resuming
-def _check_checkpoints(directory: Path, kind: str, model_config: dict[str, Any]) -> None:
-    """Raises unless the latest checkpoint is from this command and this model config."""
-    with Checkpointer(directory, max_to_keep=None) as ckpt:
-        metadata = ckpt.read_metadata()
-    if metadata.get("kind") != kind:
-        raise RunError(f"the checkpoints in {directory} are from 'jaxalign"
-                       f" {metadata.get('kind')}', not 'jaxalign {kind}'")
-    problems = config_mismatches(metadata.get("model_config", {}), model_config)
-    if problems:
-        raise CheckpointMismatchError("; ".join(problems))
-
-
-def _restore(ckpt: Checkpointer, state: Any, loader: DataLoader, config: TrainConfig,
-             model_config: dict[str, Any]) -> tuple[Any, int]:
-    """The latest checkpoint's state and step; moves the loader there; warns about options
-    that changed since (they make the metrics differ from an uninterrupted run)."""
-    state, metadata = ckpt.restore(state, config=model_config)
-    try:
-        loader.restore(metadata["loader"])
-    except ValueError as error:
-        raise RunError(f"cannot resume: {error}") from None
-    old_args, new_args = metadata.get("args", {}), dataclasses.asdict(config)
-    changed = [f"{k}: {old_args.get(k)!r} -> {new_args[k]!r}" for k in _TRAJECTORY_OPTIONS
-               if old_args.get(k) != new_args[k]]
-    if changed:
-        print(f"warning: resuming with changed options ({'; '.join(changed)}); the metrics"
-              " will differ from an uninterrupted run", file=sys.stderr)
-    return state, int(metadata["step"])
 
 
 # ------------------------------------------------------------------------------ the run
@@ -403,19 +242,12 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
         raise RunError("--export-hf writes causal LMs (Llama layout); a reward model stays in"
                        " DIR/final (load it with jaxalign.runner.load_final)")
     out = Path(config.out).absolute()
-    existing = _checkpoint_steps(out / "checkpoints")
-    if existing and not config.resume:
-        raise RunError(f"{out / 'checkpoints'} already holds checkpoints (latest step"
-                       f" {existing[-1]}); pass --resume to continue, or another --out")
-    if config.resume and not existing:
-        print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting at step 0",
-              file=sys.stderr)
-    resuming = bool(existing)
+    resuming = prepare_out(out, resume=config.resume)
     init_key, state_key = jax.random.split(jax.random.key(config.seed))
 
     # Read and check everything (the whole data file too) before writing anything.
     tokenizer, new_tokenizer = _load_tokenizer(config, out, resuming)
-    model, make_params = _model_source(kind, config, tokenizer)
+    model, make_params = _config_model_source(kind, config, tokenizer)
     dataset = _load_data(kind, config, tokenizer, model.config)
     try:
         loader = DataLoader(dataset, config.batch_size, seed=config.seed)
@@ -424,7 +256,7 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
 
     model_config = config_to_dict(model.config)
     if resuming:  # before compiling anything
-        _check_checkpoints(out / "checkpoints", kind, model_config)
+        check_checkpoints(out / "checkpoints", kind, model_config)
 
     params = make_params(init_key)
     out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +282,8 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
     start = 0
     if resuming:
         try:
-            state, start = _restore(ckpt, state, loader, config, model_config)
+            state, start = restore(ckpt, state, loader, dataclasses.asdict(config),
+                                   _TRAJECTORY_OPTIONS, model_config)
         except BaseException:
             ckpt.close()
             raise
@@ -460,47 +293,39 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
         return {"kind": kind, "step": step, "loader": loader.state(),
                 "model_config": model_config, "args": dataclasses.asdict(config)}
 
-    end = min(config.stop_at or config.steps, config.steps)
-    log = _Log(out, kind, config, start)
-    started = time.perf_counter()
-    metrics, step = None, start
-    try:
-        for step in range(start + 1, end + 1):
-            indices = loader.indices_at(step - 1)
-            batch = dataset.collate(indices)
-            if reference is not None:
-                batch["ref_chosen_logps"] = reference[0][indices]
-                batch["ref_rejected_logps"] = reference[1][indices]
-            log.tokens += _count_tokens(batch)
-            state, metrics = step_fn(state, batch)
-            if step == 1 or step % config.log_every == 0 or step == config.steps:
-                lr = float(schedule((step - 1) // config.grad_accum_steps))
-                log.log(step, jax.device_get(metrics), lr)
-            if step % config.save_every == 0:
-                ckpt.save(step, state, metadata=checkpoint_metadata(step), force=True)
-            log.bar.update(1)
-        final_metrics = {k: float(v) for k, v in jax.device_get(metrics or {}).items()}
-        wall_time = time.perf_counter() - began  # setup and compilation included
-        tokens_per_s = log.steady_rate(started)
-        ckpt.save(step, state, metadata=checkpoint_metadata(step), force=True)
-    finally:
-        log.close()
-        ckpt.close()
+    def train_step(state: Any, step: int) -> tuple[Any, dict, int]:
+        indices = loader.indices_at(step - 1)
+        batch = dataset.collate(indices)
+        if reference is not None:
+            batch["ref_chosen_logps"] = reference[0][indices]
+            batch["ref_rejected_logps"] = reference[1][indices]
+        tokens = _count_tokens(batch)
+        state, metrics = step_fn(state, batch)
+        return state, metrics, tokens
 
-    final_dir = hf_dir = None
+    def learning_rate(step: int) -> dict[str, float]:
+        return {"lr": float(schedule((step - 1) // config.grad_accum_steps))}
+
+    end = min(config.stop_at or config.steps, config.steps)
+    result = run_loop(state, train_step, start=start, end=end, total=config.steps, out=out,
+                      kind=kind, ckpt=ckpt, checkpoint_metadata=checkpoint_metadata,
+                      log_every=config.log_every, save_every=config.save_every,
+                      progress=config.progress, began=began, extra=learning_rate)
+    step = result.step
+    final = hf_dir = None
     if step == config.steps:
-        final_dir, hf_dir = _save_final(out, kind, model, state.params, tokenizer, step,
+        final, hf_dir = save_final(out, kind, model, result.state.params, tokenizer, step,
                                         config.export_hf)
     summary = {
         "kind": kind, "steps": step, "start_step": start, "total_steps": config.steps,
-        "finished": step == config.steps, "final_loss": final_metrics.get("loss"),
-        "final_metrics": final_metrics, "wall_time_s": wall_time, "tokens": log.tokens,
-        "tokens_per_s": tokens_per_s, "out": str(out),
-        "final_dir": final_dir and str(final_dir), "hf_dir": hf_dir and str(hf_dir),
+        "finished": step == config.steps, "final_loss": result.final_metrics.get("loss"),
+        "final_metrics": result.final_metrics, "wall_time_s": result.wall_time_s,
+        "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, "out": str(out),
+        "final_dir": final and str(final), "hf_dir": hf_dir and str(hf_dir),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(out, summary)
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-    where = final_dir or f"{out / 'checkpoints'} (resume with --resume)"
+    where = final or f"{out / 'checkpoints'} (resume with --resume)"
     print(f"jaxalign {kind}: {step - start} steps (to step {step}/{config.steps}), final loss"
-          f" {loss}, {wall_time:.1f} s, {tokens_per_s:.0f} tokens/s -> {where}")
+          f" {loss}, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s -> {where}")
     return summary

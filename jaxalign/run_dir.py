@@ -1,0 +1,105 @@
+"""A finished run's files: ``DIR/final/`` (``params/`` Orbax, ``config.json``, ``tokenizer/``)
+and ``DIR/hf/`` (Hugging Face safetensors), as every ``jaxalign`` command writes them.
+
+``config.json`` is ``{"model_type": "causal_lm" | "reward_model", "kind", "step",
+"model_config"}``; :func:`load_final` reads the model back, ``--init-from``, ``ppo --policy``,
+``rs --policy``, ``ppo --reward`` and ``label --judge`` take such a directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_params, save_hf
+from jaxalign.run_loop import RunError, is_main
+from jaxalign.tokenizer import Tokenizer
+
+__all__ = ["config_from_dict", "config_to_dict", "final_dir", "load_final", "save_final"]
+
+_MODEL_TYPES = {"causal_lm": CausalLM, "reward_model": RewardModel}
+
+
+def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
+    """A model config as plain JSON (dtypes by name), as stored in checkpoints and config.json."""
+    values = dataclasses.asdict(config)
+    for name in ("dtype", "param_dtype"):
+        values[name] = jnp.dtype(values[name]).name
+    return values
+
+
+def config_from_dict(values: dict[str, Any]) -> TransformerConfig:
+    """Inverse of :func:`config_to_dict`."""
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RunError(f"unknown model config fields {unknown}")
+    return TransformerConfig(**values)
+
+
+def final_dir(path: str | os.PathLike) -> Path:
+    """``DIR/final`` (or ``DIR`` itself) of a finished run; raises :class:`RunError` if none."""
+    path = Path(path)
+    for candidate in (path / "final", path):
+        if (candidate / "config.json").is_file() and (candidate / "params").is_dir():
+            return candidate.absolute()
+    raise RunError(f"{path} holds no finished jaxalign run (expected {path}/final/config.json)")
+
+
+
+def load_final(path: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, params, info)`` of a finished run's ``final/`` (``path`` = DIR or DIR/final).
+
+    ``info`` is ``final/config.json``; the tokenizer is ``Tokenizer.from_file(DIR/final/tokenizer)``.
+    """
+    final = final_dir(path)
+    info = json.loads((final / "config.json").read_text(encoding="utf-8"))
+    model = _MODEL_TYPES[info["model_type"]](config_from_dict(info["model_config"]))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(final / "params", abstract)
+    checkpointer.close()
+    return model, params, info
+
+
+def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokenizer,
+               step: int, export_hf: bool) -> tuple[Path, Path | None]:
+    """Writes ``out/final`` (params, config.json, tokenizer) and, with ``export_hf``, ``out/hf``
+    so that :func:`load_final` and ``--init-from`` read it. Every process calls it (the params
+    save is collective); only process 0 writes the rest."""
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(final / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    model_type = "reward_model" if isinstance(model, RewardModel) else "causal_lm"
+    info = {"model_type": model_type, "kind": kind, "step": step,
+            "model_config": config_to_dict(model.config)}
+    if is_main():
+        (final / "config.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(final / "tokenizer")
+    hf_dir = None
+    if export_hf:
+        hf_dir = out / "hf"
+        if jax.process_count() > 1:  # every process takes part in the gather
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if is_main():
+            ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                   "pad_token_id": tokenizer.pad_id}
+            save_hf(model, params, hf_dir,
+                    extra_config={k: v for k, v in ids.items() if v is not None})
+            tokenizer.save(hf_dir)
+    return final, hf_dir

@@ -1,0 +1,236 @@
+"""The run behind ``jaxalign ppo``: RLHF against a reward model, one compiled iteration
+(:func:`jaxalign.rlhf.make_rlhf_step`) driven by the shared loop of :mod:`jaxalign.run_loop`.
+
+A run directory ``DIR`` (``--out``) holds::
+
+    metrics.jsonl        one JSON object per logged iteration: {"step", "score/mean", "kl",
+                         "kl_coef", "policy/clipfrac", "loss/policy", ..., "lr"}
+    tb/                  TensorBoard event files, the same scalars + tokens/s
+    checkpoints/<step>/  the whole RLHFState (policy, value model and both optimiser states,
+                         reference and reward params, KL controller) + metadata {"kind",
+                         "step", "loader", "model_config", "args"}
+    final/               the policy as a causal LM (load_final, --init-from, --policy read it)
+    hf/                  Hugging Face safetensors + tokenizer (--export-hf)
+    summary.json         what :func:`ppo` returns
+
+Iteration ``i`` (1-based) samples prompt batch ``i − 1`` of a ``DataLoader`` (a pure function of
+seed and ``i``) with the PRNG key ``fold_in(rollout_key, i)``, where ``rollout_key`` derives from
+``--seed`` alone; with the state checkpointed whole, a resumed run logs exactly what an
+uninterrupted run logs. ``--lr`` follows the warmup-cosine schedule over all
+``steps × ppo_epochs × num_minibatches`` optimiser updates; the logged ``lr`` is the one of an
+iteration's first update. With ``--mesh`` the state is sharded by :mod:`jaxalign.sharding`'s
+rules and prompts are split over ``data × fsdp``. With ``JAXALIGN_COORDINATOR`` set, the run
+first joins a multi-process job (:func:`jaxalign.distributed.initialize`); each process feeds
+its rows of every batch and only process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxalign import distributed, sharding
+from jaxalign import train as steps
+from jaxalign.checkpoint import Checkpointer
+from jaxalign.data import DataLoader
+from jaxalign.models import CausalLM, CausalLMWithValueHead, ValueModel, init_head_from_causal_lm
+from jaxalign.options import ConfigError
+from jaxalign.rl_options import PPOConfig
+from jaxalign.rlhf import init_rlhf_state, make_rlhf_step, shard_rlhf_state
+from jaxalign.run_dir import config_to_dict, save_final
+from jaxalign.run_loop import (RunError, check_checkpoints, is_main, prepare_out, restore,
+                               run_loop, write_summary)
+from jaxalign.run_policy import load_policy_run
+
+__all__ = ["ppo"]
+
+# Options that do not change the trajectory (all others are warned about when they change).
+_BOOKKEEPING = ("out", "resume", "progress", "save_every", "keep", "log_every", "stop_at",
+                "export_hf")
+
+
+def _make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
+    """The ``--mesh`` of ``AXIS=N`` entries; given sizes that need fewer devices than there are
+    use the first ones (single process), a left-out ``data`` takes the rest. Without a spec:
+    one device, or all of them (data parallel) in a multi-process run."""
+    if spec is None:
+        return sharding.make_mesh() if jax.process_count() > 1 else None
+    try:
+        sizes = sharding.parse_mesh_spec(spec)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    devices = jax.devices()
+    if "data" in sizes and math.prod(sizes.values()) < len(devices) and jax.process_count() == 1:
+        devices = devices[:math.prod(sizes.values())]
+    try:
+        return sharding.make_mesh(**sizes, devices=devices)
+    except ValueError as error:
+        raise ConfigError(f"--mesh {spec}: {error}") from None
+
+
+def _check_batch(config: PPOConfig, mesh: jax.sharding.Mesh | None) -> None:
+    """Batch sizes the mesh, the minibatches and the processes divide."""
+    rows = config.batch_size * config.samples_per_prompt
+    if rows % config.num_minibatches:
+        raise ConfigError(f"batch_size x samples_per_prompt = {rows} rollouts do not split into"
+                          f" num_minibatches={config.num_minibatches}")
+    if mesh is not None:
+        split = mesh.shape["data"] * mesh.shape["fsdp"]
+        for what, size in (("batch_size", config.batch_size),
+                           ("a minibatch of rollouts", rows // config.num_minibatches)):
+            if size % split:
+                raise ConfigError(f"{what} ({size}) is not divisible by the mesh's data x fsdp"
+                                  f" = {split}")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the"
+                          f" {jax.process_count()} processes")
+
+
+def _iteration_key(rollout_key: jax.Array, step: int, mesh: Any) -> jax.Array:
+    """``fold_in(rollout_key, step)``; in a multi-process run a replicated global array."""
+    key = jax.random.fold_in(rollout_key, step)
+    if jax.process_count() == 1:
+        return key
+    data = jax.device_put(jax.device_get(jax.random.key_data(key)), sharding.replicated(mesh))
+    return jax.random.wrap_key_data(data)
+
+
+@functools.lru_cache(maxsize=4)
+def _rlhf_fns(policy: Any, value: Any, reward: Any, rlhf_config: Any, policy_options: tuple,
+              value_options: tuple, mesh: Any) -> tuple:
+    """``(step, policy_optimizer, value_optimizer, schedule)`` (cached: a process running
+    several jobs on one model, e.g. a resume, compiles once)."""
+    policy_optimizer = steps.make_optimizer(**dict(policy_options))
+    value_optimizer = steps.make_optimizer(**dict(value_options)) if value is not None else None
+    step = make_rlhf_step(policy, value, reward, rlhf_config, policy_optimizer=policy_optimizer,
+                          value_optimizer=value_optimizer, mesh=mesh)
+    options = dict(policy_options)
+    schedule = steps.learning_rate_schedule(
+        options["learning_rate"], total_steps=options["total_steps"],
+        warmup_steps=options["warmup_steps"], end_lr_ratio=options["end_lr_ratio"])
+    return step, policy_optimizer, value_optimizer, jax.jit(schedule)
+
+
+def ppo(config: PPOConfig) -> dict[str, Any]:
+    """Runs one ``jaxalign ppo`` job; returns the summary (also in summary.json)."""
+    began = time.perf_counter()
+    if os.environ.get("JAXALIGN_COORDINATOR") and not jax.distributed.is_initialized():
+        distributed.initialize()
+    if config.out is None:
+        raise RunError("--prompts, --policy, --reward and --out are required (as flags or in"
+                       " --config)")
+    out = Path(config.out).absolute()
+    resuming = prepare_out(out, resume=config.resume)
+    mesh = _make_mesh(config.mesh)
+    _check_batch(config, mesh)
+
+    # Read and check everything (the whole prompts file too) before writing anything.
+    run = load_policy_run("ppo", config)
+    tokenizer, policy = run.tokenizer, run.policy
+    rlhf_config = config.rlhf_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.padding_id)
+    try:
+        loader = DataLoader(run.prompts, config.batch_size, seed=config.seed)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    model_config = {"policy": config_to_dict(policy.config),
+                    "reward": config_to_dict(run.reward.config)}
+    if resuming:  # before compiling anything
+        check_checkpoints(out / "checkpoints", "ppo", model_config)
+
+    init_key, rollout_key = jax.random.split(jax.random.key(config.seed))
+    policy_params = run.make_policy_params(init_key)
+    actor = policy
+    if config.shared_value_head:
+        actor = CausalLMWithValueHead(policy.config)
+        policy_params = init_head_from_causal_lm(actor, policy_params,
+                                                 jax.random.fold_in(init_key, 1))
+    value = ValueModel(run.reward.config) if (
+        rlhf_config.uses_critic and not config.shared_value_head) else None
+    updates = config.ppo_epochs * config.num_minibatches  # optimiser updates per iteration
+    policy_options = config.optimizer_options(config.steps * updates)
+    value_options = config.optimizer_options(config.steps * updates, config.value_lr)
+    step_fn, policy_optimizer, value_optimizer, schedule = _rlhf_fns(
+        actor, value, run.reward, rlhf_config, tuple(policy_options.items()),
+        tuple(value_options.items()), mesh)
+    state = init_rlhf_state(rlhf_config, policy_params, policy_optimizer,
+                            reward_params=run.reward_params, value_optimizer=value_optimizer)
+    if mesh is not None:
+        if jax.process_count() > 1:  # host values (equal everywhere), placed shard by shard
+            state = jax.device_get(state)
+        state = shard_rlhf_state(state, mesh, policy=actor, value=value, reward=run.reward)
+    else:  # one placement for every leaf, as the step's outputs have (see runner.train)
+        state = jax.device_put(state, jax.local_devices()[0])
+    del policy_params
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out / "checkpoints", save_every=config.save_every,
+                        max_to_keep=config.keep)
+    args = dataclasses.asdict(config)
+    start = 0
+    if resuming:
+        try:
+            state, start = restore(ckpt, state, loader, args,
+                                   [k for k in args if k not in _BOOKKEEPING], model_config)
+        except BaseException:
+            ckpt.close()
+            raise
+
+    def checkpoint_metadata(step: int) -> dict[str, Any]:
+        loader.step = step  # the next batch to train on
+        return {"kind": "ppo", "step": step, "loader": loader.state(),
+                "model_config": model_config, "args": args}
+
+    def rlhf_step(state: Any, step: int) -> tuple[Any, dict, Any]:
+        prompts = run.prompts.collate(loader.indices_at(step - 1))
+        rows = config.batch_size * config.samples_per_prompt
+        prompt_tokens = int(prompts["prompt_mask"].sum()) * config.samples_per_prompt
+        if mesh is not None:
+            if jax.process_count() > 1:  # this process's rows of the global batch
+                prompts = {k: np.array_split(v, jax.process_count())[jax.process_index()]
+                           for k, v in prompts.items()}
+            prompts = sharding.shard_batch(prompts, mesh)
+        state, metrics = step_fn(state, prompts, _iteration_key(rollout_key, step, mesh))
+        return state, metrics, prompt_tokens + metrics["response_length"] * rows
+
+    def learning_rate(step: int) -> dict[str, float]:
+        return {"lr": float(schedule((step - 1) * updates))}
+
+    end = min(config.stop_at or config.steps, config.steps)
+    result = run_loop(state, rlhf_step, start=start, end=end, total=config.steps, out=out,
+                      kind="ppo", ckpt=ckpt, checkpoint_metadata=checkpoint_metadata,
+                      log_every=config.log_every, save_every=config.save_every,
+                      progress=config.progress, began=began, headline="score/mean",
+                      extra=learning_rate)
+    step = result.step
+    final = hf_dir = None
+    if step == config.steps:
+        params = result.state.policy_params
+        if config.shared_value_head:  # saved as the causal LM it is without its value head
+            params = {name: tree for name, tree in params.items() if name != "value_head"}
+        final, hf_dir = save_final(out, "ppo", CausalLM(policy.config), params, tokenizer,
+                                   step, config.export_hf)
+    metrics = result.final_metrics
+    summary = {
+        "kind": "ppo", "steps": step, "start_step": start, "total_steps": config.steps,
+        "finished": step == config.steps, "final_score": metrics.get("score/mean"),
+        "final_kl": metrics.get("kl"), "final_metrics": metrics,
+        "wall_time_s": result.wall_time_s, "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s, "out": str(out),
+        "final_dir": final and str(final), "hf_dir": hf_dir and str(hf_dir),
+    }
+    write_summary(out, summary)
+    score = "n/a" if not metrics else f"{metrics['score/mean']:.4f} (kl {metrics['kl']:.4f})"
+    where = final or f"{out / 'checkpoints'} (resume with --resume)"
+    if is_main():
+        print(f"jaxalign ppo: {step - start} iterations (to {step}/{config.steps}), final score"
+              f" {score}, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s"
+              f" -> {where}")
+    return summary
