@@ -437,11 +437,14 @@ def ppo_loss(
         "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
     }
     if value_clip is not None:
-        # TRL's definition: tokens where the clipped value error is the larger (the one used).
+        # Tokens whose value moved past the clip range and whose clipped error is the larger
+        # (the one the loss used; TRL's definition). Requiring the move past the range keeps
+        # float rounding from counting tokens where the two errors are equal.
         values_sg, old_values = jax.lax.stop_gradient(_f32(values)), _f32(old_values)
         returns = _f32(returns)
         clipped_values = old_values + jnp.clip(values_sg - old_values, -value_clip, value_clip)
-        used_clip = (clipped_values - returns) ** 2 > (values_sg - returns) ** 2
+        used_clip = (jnp.abs(values_sg - old_values) > value_clip) & (
+            (clipped_values - returns) ** 2 > (values_sg - returns) ** 2)
         metrics["value_clipfrac"] = masked_mean(used_clip.astype(jnp.float32), mask)
     else:
         metrics["value_clipfrac"] = jnp.zeros((), jnp.float32)

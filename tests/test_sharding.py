@@ -43,8 +43,9 @@ def test_param_shardings_follow_the_rules_and_skip_indivisible_dims():
     odd_model = CausalLM(odd)
     odd_params = init_params(odd_model, jax.random.key(0))
     odd_sh = sharding.param_shardings(odd_model, odd_params, mesh)
-    k_spec = odd_sh["trunk"]["layers"]["attn"]["k_proj"]["kernel"].spec
-    assert "tensor" not in jax.tree.leaves(tuple(k_spec))
+    k_specs = [s.spec for path, s in jax.tree_util.tree_flatten_with_path(odd_sh)[0]
+               if "k_proj" in jax.tree_util.keystr(path)]
+    assert k_specs and all("tensor" not in jax.tree.leaves(tuple(s)) for s in k_specs)
     placed = jax.device_put(odd_params, odd_sh)  # must not raise
     assert placed["trunk"]["embedding"].sharding.spec == odd_sh["trunk"]["embedding"].spec
 
@@ -56,8 +57,11 @@ def test_optimizer_state_is_sharded_like_the_params():
     p_sh = sharding.param_shardings(model, params, mesh)
     opt = train.make_optimizer(1e-3, grad_accum_steps=2)
     opt_sh = sharding.shardings_like_params(opt.init(params), params, p_sh, mesh)
-    specs = {s.spec for s in jax.tree.leaves(opt_sh)}
-    assert P(None, "fsdp") in specs and P() in specs  # moments sharded, counters replicated
+    specs = [s.spec for s in jax.tree.leaves(opt_sh)]
+    # moments are sharded exactly like their parameters; step counters are replicated
+    param_specs = {s.spec for s in jax.tree.leaves(p_sh)}
+    assert any("fsdp" in jax.tree.leaves(tuple(s)) for s in specs) and P() in specs
+    assert {s for s in specs if s != P()} <= param_specs
 
 
 def _pref_batch(n, seed=0):
@@ -88,9 +92,12 @@ def test_pmap_preference_step_matches_jit():
     for _ in range(2):
         jit_state, jit_metrics = jit_step(jit_state, batch)
         pmap_state, pmap_metrics = pmap_step(pmap_state, shards)
-        for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+        for name in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             np.testing.assert_allclose(pmap_metrics[name][0], jit_metrics[name], rtol=1e-4,
                                        atol=1e-6, err_msg=name)
+        # accuracy counts pairs with margin > 0; at these near-zero margins rounding may flip one
+        np.testing.assert_allclose(pmap_metrics["rewards/accuracies"][0],
+                                   jit_metrics["rewards/accuracies"], atol=1 / 16 + 1e-6)
     # Adam divides by sqrt(v): float rounding in near-zero gradients moves a parameter by at
     # most a small fraction of the learning rate (1e-2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=5e-5),
