@@ -1,9 +1,11 @@
 """Autoregressive sampling from a causal LM, compiled end to end.
 
-One ``jit``: a prefill over the (left-padded) prompts writes a preallocated :class:`KVCache`,
-then a ``lax.while_loop`` decodes one token per step and stops as soon as every row has
-produced EOS (or after ``max_new_tokens``). Shapes are static, so a second call with the same
-shapes reuses the compiled program.
+One ``jit``: a prefill over the (left-padded) prompts fills a :class:`~jaxalign.models.KVCache`,
+which then grows once to ``P + N − 1`` slots, and a ``lax.while_loop`` decodes one
+token per step and stops as soon as every row has produced EOS (or after ``max_new_tokens``).
+Both run the model's ``decode`` method (``CausalLM`` and ``CausalLMWithValueHead`` have one),
+which projects only the last position onto the vocabulary. Shapes are static, so a second call
+with the same shapes reuses the compiled program.
 
 Log-probabilities returned (both float32, 0 where ``completion_mask`` is 0):
 
@@ -31,6 +33,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxalign.models.transformer import init_cache, unstack_layer_params
+
+__all__ = ["GenerateOutput", "generate", "make_generate", "sample_token"]
 
 _CDF_BLOCK = 64
 
@@ -120,7 +124,9 @@ def sample_token(
     Filtering: ``top_k > 0`` keeps exactly the ``k`` largest logits (``lax.top_k``); then
     ``top_p < 1`` keeps the smallest prefix of the remaining tokens, sorted by probability,
     whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019, arXiv:1904.09751).
-    ``temperature == 0`` is greedy (the first maximal logit).
+    ``temperature == 0`` is greedy (the first maximal logit). ``top_p < 1`` without ``top_k``
+    sorts the whole vocabulary every step (``lax.top_k`` with ``k = V``), which is slow on CPU;
+    with ``top_k`` it only sorts the ``k`` candidates.
 
     Args:
       logits: ``[B, V]`` float32 next-token logits.
@@ -245,9 +251,16 @@ def make_generate(
         prompt_ids = prompt_ids.astype(jnp.int32)
         prompt_mask = prompt_mask.astype(jnp.int32)
         batch, prompt_len = prompt_ids.shape
-        # The last sampled token is never fed back, so P + N - 1 slots suffice.
-        cache = init_cache(model.config, batch, prompt_len + num_new - 1)
+        # The prefill attends over P slots only; then the cache grows to P + N - 1 slots (the
+        # last sampled token is never fed back).
+        cache = init_cache(model.config, batch, prompt_len)
         logits, cache = _forward(decode_model, params, prompt_ids, prompt_mask, cache)
+        grow = functools.partial(jnp.pad, pad_width=((0, 0), (0, 0), (0, num_new - 1), (0, 0)))
+        cache = cache._replace(
+            keys=tuple(map(grow, cache.keys)),
+            values=tuple(map(grow, cache.values)),
+            mask=jnp.pad(cache.mask, ((0, 0), (0, num_new - 1))),
+        )
         # One uniform number per row and step, drawn up front: no PRNG work inside the loop.
         uniforms = jax.random.uniform(key, (num_new, batch), jnp.float32)
         token, logq, logp = sample(logits, uniforms[0])
@@ -304,8 +317,11 @@ def generate(
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
 
     Args:
-      model: a :class:`~jaxalign.models.CausalLM` (or ``CausalLMWithValueHead``).
-      params: its unboxed parameters.
+      model: a :class:`~jaxalign.models.CausalLM` or ``CausalLMWithValueHead`` (anything with
+        a ``decode(tokens, mask, cache) -> (logits [B, V], cache)`` method). A model with
+        ``scan_layers`` decodes unrolled (its stacked weights are sliced once per call).
+      params: its unboxed parameters, float32 or the compute dtype (they are cast to the
+        compute dtype once per call, outside the decode loop).
       prompt_ids: ``[B, P]`` int token ids, left-padded (every row needs ≥ 1 real token).
       prompt_mask: ``[B, P]``, 0 on the left padding, 1 on prompt tokens.
       key: PRNG key; the same key gives the same samples.

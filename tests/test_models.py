@@ -33,7 +33,7 @@ from jaxalign.models import (
 from jaxalign.models.transformer import stack_layer_params, unstack_layer_params
 
 TINY = get_config("tiny")
-UNROLLED = dataclasses.replace(TINY, scan_layers=False)
+SCANNED = dataclasses.replace(TINY, scan_layers=True)
 SHAPE = (3, 12)
 
 
@@ -55,9 +55,14 @@ def tokens():
 
 
 @functools.lru_cache(maxsize=None)
+def _jitted_forward(model):
+    return jax.jit(lambda p, t, m: model.apply({"params": p}, t, m))
+
+
 def _forward(model):
-    """One jitted forward per model (compiled once per input shape)."""
-    return jax.jit(lambda p, t, m=None: model.apply({"params": p}, t, m))
+    """One jitted forward per model (compiled once per input shape); mask defaults to ones."""
+    forward = _jitted_forward(model)
+    return lambda p, t, m=None: forward(p, t, np.ones(np.shape(t), np.int32) if m is None else m)
 
 
 def _pad(tokens, lengths, *, left: bool, pad_id: int = 0):
@@ -89,7 +94,7 @@ def test_presets_and_replace():
 
 def test_params_carry_logical_axis_names(params):
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-    for config in (TINY, UNROLLED):
+    for config in (TINY, SCANNED):
         model = CausalLM(config)
         specs = jax.tree.leaves(logical_axes(model), is_leaf=is_spec)
         shapes = jax.tree.leaves(jax.eval_shape(lambda m=model: init_params(m, jax.random.key(0))))
@@ -97,8 +102,10 @@ def test_params_carry_logical_axis_names(params):
         for spec, shape in zip(specs, shapes):
             assert len(spec) == len(shape.shape) and set(spec) <= set(LOGICAL_AXIS_NAMES)
         assert ("layers" in {n for spec in specs for n in spec}) == config.scan_layers
-    q_spec = logical_axes(CausalLM(TINY))["trunk"]["layers"]["attn"]["q_proj"]["kernel"]
+    q_spec = logical_axes(CausalLM(SCANNED))["trunk"]["layers"]["attn"]["q_proj"]["kernel"]
     assert tuple(q_spec) == ("layers", "embed", "heads", "head_dim")
+    q_spec = logical_axes(CausalLM(TINY))["trunk"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert tuple(q_spec) == ("embed", "heads", "head_dim")
     # model.init returns the same tree boxed with those names.
     boxed = jax.eval_shape(CausalLM(TINY).init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
     leaf = boxed["params"]["trunk"]["embedding"]
@@ -124,11 +131,11 @@ def test_padding_invariance(params, tokens):
             np.testing.assert_allclose(logps[b][mask[b] == 1][1:], reference[b, 1:n], atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [TINY, UNROLLED], ids=["scan", "unrolled"])
+@pytest.mark.parametrize("config", [SCANNED, TINY], ids=["scan", "unrolled"])
 def test_kv_cache_decode_matches_full_forward(params, tokens, config):
     """Prefill a left-padded prompt, then feed tokens one at a time: same logits as one pass."""
     model = CausalLM(config)
-    params = params if config.scan_layers else unstack_layer_params(params, config.n_layers)
+    params = stack_layer_params(params, config.n_layers) if config.scan_layers else params
     mask = np.ones_like(tokens)
     mask[1, :3] = 0  # row 1 has 3 tokens of left padding
     full = np.asarray(_forward(model)(params, tokens, mask))
@@ -145,11 +152,12 @@ def test_kv_cache_decode_matches_full_forward(params, tokens, config):
 
 
 def test_scan_and_unrolled_layouts_agree(params, tokens):
-    unrolled = unstack_layer_params(params, TINY.n_layers)
-    assert "layers_1" in unrolled["trunk"] and "layers" not in unrolled["trunk"]
+    stacked = stack_layer_params(params, TINY.n_layers)
+    assert "layers" in stacked["trunk"] and "layers_0" not in stacked["trunk"]
+    assert stacked["trunk"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 172)
     jax.tree.map(np.testing.assert_array_equal,
-                 stack_layer_params(unrolled, TINY.n_layers), params)
-    np.testing.assert_allclose(_forward(CausalLM(UNROLLED))(unrolled, tokens),
+                 unstack_layer_params(stacked, TINY.n_layers), params)
+    np.testing.assert_allclose(_forward(CausalLM(SCANNED))(stacked, tokens),
                                _forward(CausalLM(TINY))(params, tokens), atol=1e-5)
 
 
@@ -166,14 +174,20 @@ def test_bf16_compute_gives_f32_logits_close_to_f32(params, tokens):
 def test_remat_gives_same_logits_and_grads(params, tokens):
     def value_and_grad(config):
         model = CausalLM(config)
-        loss = lambda p: -token_logprobs(model.apply({"params": p}, tokens), tokens).mean()  # noqa: E731
-        return jax.jit(jax.value_and_grad(loss))(params)
+        weights = stack_layer_params(params, 2) if config.scan_layers else params
+
+        def loss(p):
+            return -token_logprobs(model.apply({"params": p}, tokens), tokens).mean()
+
+        return jax.jit(jax.value_and_grad(loss))(weights)
 
     value, grads = value_and_grad(TINY)
-    value_r, grads_r = value_and_grad(dataclasses.replace(TINY, remat=True))
-    np.testing.assert_allclose(value_r, value, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
-    assert float(jnp.abs(grads["trunk"]["layers"]["mlp"]["up_proj"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(grads["trunk"]["layers_1"]["mlp"]["up_proj"]["kernel"]).sum()) > 0
+    for config in (dataclasses.replace(TINY, remat=True), dataclasses.replace(SCANNED, remat=True)):
+        value_r, grads_r = value_and_grad(config)
+        np.testing.assert_allclose(value_r, value, rtol=1e-6)
+        grads_r = unstack_layer_params(grads_r, TINY.n_layers)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
 
 
 def test_value_and_reward_models(params, tokens):
@@ -223,9 +237,10 @@ def test_tied_embeddings_and_qkv_bias(params, tokens):
     """A tied model equals an untied one whose LM head is the embedding transposed."""
     rng = np.random.default_rng(8)
     trunk = jax.tree.map(lambda x: x, params["trunk"])
-    for name, heads in (("q_proj", 4), ("k_proj", 2), ("v_proj", 2)):
-        bias = rng.normal(size=(TINY.n_layers, heads, 16)).astype(np.float32)
-        trunk["layers"]["attn"][name]["bias"] = jnp.asarray(bias)
+    for layer in range(TINY.n_layers):
+        for name, heads in (("q_proj", 4), ("k_proj", 2), ("v_proj", 2)):
+            bias = rng.normal(size=(heads, 16)).astype(np.float32)
+            trunk[f"layers_{layer}"]["attn"][name]["bias"] = jnp.asarray(bias)
     untied = {"trunk": trunk, "lm_head": {"kernel": trunk["embedding"].T}}
     biased = dataclasses.replace(TINY, qkv_bias=True)
     tied_logits = _forward(CausalLM(dataclasses.replace(biased, tie_embeddings=True)))(

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.models import CausalLM, get_config, init_params
+from jaxalign.models import (
+    CausalLM,
+    CausalLMWithValueHead,
+    get_config,
+    init_head_from_causal_lm,
+    init_params,
+)
 from jaxalign.sampling import generate, make_generate, sample_token
 
 CONFIG = get_config("tiny", scan_layers=False)
@@ -72,6 +78,19 @@ def test_greedy_equals_argmax_chain_of_full_forwards(lm, prompts):
     logits = _full_logits(model, params, ids, mask, out)
     expected = np.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 5:, None], -1)[..., 0]
     np.testing.assert_allclose(out.policy_logps, expected, atol=1e-5)
+
+
+def test_value_head_model_samples_like_its_lm(lm, prompts):
+    """``CausalLMWithValueHead`` (PPO's shared trunk) generates exactly like the plain LM."""
+    model, params = lm
+    ids, mask = prompts
+    both = CausalLMWithValueHead(CONFIG)
+    both_params = init_head_from_causal_lm(both, params, jax.random.key(1))
+    run = functools.partial(generate, prompt_ids=ids, prompt_mask=mask, key=jax.random.key(2),
+                            max_new_tokens=NEW, temperature=1.3, top_k=5)  # shares a compile
+    expected, out = run(model, params), run(both, both_params)
+    np.testing.assert_array_equal(out.tokens, expected.tokens)
+    np.testing.assert_allclose(out.policy_logps, expected.policy_logps, atol=1e-6)
 
 
 def test_top_k_1_equals_greedy(lm, prompts):
@@ -175,7 +194,8 @@ def test_compiles_once_per_shape_and_same_key_same_samples(lm, prompts):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(max_new_tokens=252), r"prompt length 5 \(prompt_ids shape \(3, 5\)\) \+ max_new_tokens=252"),
+        (dict(max_new_tokens=252),
+         r"prompt length 5 \(prompt_ids shape \(3, 5\)\) \+ max_new_tokens=252 = 257 exceeds"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=1.5), "top_p=1.5"),
         (dict(temperature=-0.5), "temperature=-0.5"),

@@ -19,6 +19,8 @@ from jaxalign.models.transformer import (
     Transformer,
     init_cache,
     positions_from_mask,
+    stack_layer_params,
+    unstack_layer_params,
 )
 
 __all__ = [
@@ -40,5 +42,7 @@ __all__ = [
     "logical_axes",
     "positions_from_mask",
     "save_hf",
+    "stack_layer_params",
+    "unstack_layer_params",
     "value_params_from_lm",
 ]

@@ -10,7 +10,9 @@ Every model is called as ``model.apply({"params": params}, tokens, attention_mas
 * :class:`CausalLMWithValueHead` -> ``(logits [B, T, V], values [B, T])`` from one shared trunk.
 
 ``CausalLM`` and ``CausalLMWithValueHead`` also take ``cache=`` (a :class:`KVCache` from
-:func:`~jaxalign.models.transformer.init_cache`) and then return the updated cache last.
+:func:`~jaxalign.models.transformer.init_cache`) and then return the updated cache last; their
+``decode`` method (``apply(..., cache, method="decode")``) returns ``(logits [B, V] of the
+last position, cache)``, the step the sampler runs.
 
 Parameter trees: ``{"trunk": ..., "lm_head": {"kernel": [D, V]}}`` (no ``lm_head`` with tied
 embeddings), ``{"trunk": ..., "value_head": ...}``, ``{"trunk": ..., "score_head": ...}``.
@@ -18,6 +20,7 @@ embeddings), ``{"trunk": ..., "value_head": ...}``, ``{"trunk": ..., "score_head
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -45,7 +48,7 @@ class LMHead(nn.Module):
             (cfg.d_model, cfg.vocab_size),
             cfg.param_dtype,
         )
-        return jnp.einsum("btd,dv->btv", hidden, kernel.astype(hidden.dtype),
+        return jnp.einsum("btd,dv->btv", hidden.astype(cfg.dtype), kernel.astype(cfg.dtype),
                           preferred_element_type=jnp.float32)
 
 
@@ -193,10 +196,18 @@ class CausalLMWithValueHead(nn.Module):
         return self.logits(hidden[:, -1:])[:, 0], new_cache
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(model: nn.Module):
+    return jax.jit(model.init)
+
+
 def init_params(model: nn.Module, key: jax.Array) -> Any:
-    """Freshly initialised, unboxed parameters of ``model`` (for ``apply({"params": ...})``)."""
+    """Freshly initialised, unboxed parameters of ``model`` (for ``apply({"params": ...})``).
+
+    The jitted ``model.init`` is cached per (hashable) model, so a second call compiles nothing.
+    """
     dummy = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(jax.jit(model.init)(key, dummy)["params"])
+    return nn.meta.unbox(_jitted_init(model)(key, dummy)["params"])
 
 
 def logical_axes(model: nn.Module) -> Any:

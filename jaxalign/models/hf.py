@@ -15,7 +15,8 @@ needed because both sides use the "rotate_half" convention):
   ``model.layers.i.self_attn.o_proj.weight``      -> ``attn.o_proj.kernel [H, Dh, D]``
   ``model.layers.i.mlp.{gate,up,down}_proj.weight`` -> ``mlp.{gate,up,down}_proj.kernel``
   ``model.layers.i.{input,post_attention}_layernorm.weight`` -> ``{attn,mlp}_norm.scale``
-  ``model.norm.weight`` -> ``trunk.final_norm.scale``; ``lm_head.weight [V, D]`` -> ``lm_head.kernel [D, V]``
+  ``model.norm.weight``                           -> ``trunk.final_norm.scale``
+  ``lm_head.weight [V, D]``                       -> ``lm_head.kernel [D, V]``
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def _rope_theta(hf: dict) -> float:
 
 
 def config_from_hf(hf: dict, **overrides: Any) -> TransformerConfig:
-    """A :class:`TransformerConfig` from a parsed HF ``config.json`` (raises on features we lack)."""
+    """A :class:`TransformerConfig` from a parsed HF ``config.json``.
+
+    Raises:
+      ValueError: for an architecture or feature this model does not implement.
+    """
     model_type = hf.get("model_type")
     if model_type not in _SUPPORTED:
         raise ValueError(
@@ -166,7 +171,8 @@ def _hf_to_params(tensors: dict[str, np.ndarray], config: TransformerConfig) -> 
             if config.qkv_bias:
                 attn[proj]["bias"] = take(f"{pre}self_attn.{proj}.bias").reshape(heads, dh)
         attn["o_proj"] = {"kernel": take(f"{pre}self_attn.o_proj.weight").T.reshape(h, dh, d)}
-        mlp = {p: {"kernel": take(f"{pre}mlp.{p}.weight").T} for p in ("gate_proj", "up_proj", "down_proj")}
+        mlp = {p: {"kernel": take(f"{pre}mlp.{p}.weight").T}
+               for p in ("gate_proj", "up_proj", "down_proj")}
         trunk[f"layers_{i}"] = {
             "attn_norm": {"scale": take(f"{pre}input_layernorm.weight")},
             "attn": attn,
@@ -200,7 +206,7 @@ def load_hf(
       **config_overrides: other :class:`TransformerConfig` fields (``remat``, ``scan_layers``).
 
     Returns:
-      ``(model, params)`` with ``params`` unboxed, ready for ``model.apply({"params": params}, ...)``.
+      ``(model, params)``, params unboxed: ``model.apply({"params": params}, tokens, mask)``.
 
     Raises:
       ValueError: unsupported architecture or feature (rope scaling, sliding window, biases
@@ -245,7 +251,8 @@ def save_hf(
         layer, pre = trunk[f"layers_{i}"], f"model.layers.{i}."
         attn = layer["attn"]
         for proj, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
-            out[f"{pre}self_attn.{proj}.weight"] = host(attn[proj]["kernel"].reshape(d, heads * dh).T)
+            kernel = attn[proj]["kernel"].reshape(d, heads * dh)
+            out[f"{pre}self_attn.{proj}.weight"] = host(kernel.T)
             if config.qkv_bias:
                 out[f"{pre}self_attn.{proj}.bias"] = host(attn[proj]["bias"].reshape(heads * dh))
         out[f"{pre}self_attn.o_proj.weight"] = host(attn["o_proj"]["kernel"].reshape(h * dh, d).T)

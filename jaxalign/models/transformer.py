@@ -36,7 +36,8 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for ``S`` slots, written left to right.
 
     Attributes:
-      keys: tuple of ``L`` arrays ``[B, Hkv, S, Dh]`` (one per layer), compute dtype.
+      keys: tuple of ``L`` arrays ``[B, Hkv, S, Dh]`` (one per layer), in the cache dtype
+        (:func:`init_cache`'s ``dtype``; the compute dtype by default).
       values: tuple of ``L`` arrays ``[B, Hkv, S, Dh]``.
       mask: ``[B, S]`` int32, 1 where the slot holds a real (non-padding) token.
       index: ``[]`` int32, the next slot to write (the same for every row).
@@ -100,9 +101,9 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _einsum(subscripts: str, x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
-    """``einsum`` accumulated in float32 and cast to ``dtype`` (bf16 x bf16 -> f32 dots are
-    the fast ones on CPUs with AVX512-BF16; for float32 this is a plain einsum)."""
-    return jnp.einsum(subscripts, x, y, preferred_element_type=jnp.float32).astype(dtype)
+    """``einsum`` of ``x`` and ``y`` cast to ``dtype``, accumulated and returned in float32."""
+    return jnp.einsum(subscripts, x.astype(dtype), y.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -123,16 +124,16 @@ def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Arra
     return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
 
 
-def _project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _project(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
     """``x [B, T, D] @ kernel [D, H, Dh] -> [B, H, T, Dh]`` as one 2-D matmul."""
     batch, length, d = x.shape
     _, heads, head_dim = kernel.shape
-    out = _einsum("nd,df->nf", x.reshape(batch * length, d), kernel.reshape(d, -1), x.dtype)
+    out = _einsum("nd,df->nf", x.reshape(batch * length, d), kernel.reshape(d, -1), dtype)
     return out.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x²) + eps) · scale``, normalised in float32 and cast back first (as HF)."""
+    """``x / sqrt(mean(x²) + eps) · scale`` in float32."""
 
     config: TransformerConfig
 
@@ -148,8 +149,7 @@ class RMSNorm(nn.Module):
         normed = x32 * jax.lax.rsqrt(
             jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps
         )
-        scale = scale.astype(self.config.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
-        return normed.astype(self.config.dtype) * scale
+        return normed * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
 
 
 class Projection(nn.Module):
@@ -210,13 +210,14 @@ class Attention(nn.Module):
             # Inference: one matmul for q, k and v (XLA hoists the weight concatenation out of
             # a decode loop). Training keeps three, so no sharded weights get concatenated.
             kernel = jnp.concatenate([w for w, _ in projections], axis=1)
-            qkv = _project(x, kernel)
+            qkv = _project(x, kernel, cfg.dtype)
             if cfg.qkv_bias:
                 qkv = qkv + jnp.concatenate([b for _, b in projections])[None, :, None, :]
             q, k, v = jnp.split(qkv, [heads, heads + kv_heads], axis=1)
         else:
             q, k, v = (
-                _project(x, w) + (0 if b is None else b[None, :, None, :]) for w, b in projections
+                _project(x, w, cfg.dtype) + (0 if b is None else b[None, :, None, :])
+                for w, b in projections
             )
         # Heads lead ([B, H, T, Dh]) so the cache and the attention dots share one layout.
         q = apply_rotary(q, cos, sin)
@@ -226,12 +227,14 @@ class Attention(nn.Module):
             k = _write_cache(cache_k, k, index)
             v = _write_cache(cache_v, v, index)
             layer_cache = (k, v)
+        else:
+            k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
         # Attention runs in the dtype of the keys and values (the cache's, when decoding).
         q = q.reshape(batch, kv_heads, heads // kv_heads, length, head_dim).astype(k.dtype)
         scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = _einsum("bkgts,bksd->bkgtd", probs, v, cfg.dtype)
+        out = _einsum("bkgts,bksd->bkgtd", probs, v, v.dtype)
         out = out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
         w_o, _ = Projection(cfg, (heads, head_dim, d), ("heads", "head_dim", "embed"),
                             name="o_proj")()
@@ -253,8 +256,8 @@ class MLP(nn.Module):
         w_up, _ = Projection(cfg, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), name="up_proj")()
         w_down, _ = Projection(cfg, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), name="down_proj")()
         if fused:
-            fused = jnp.concatenate([w_gate, w_up], axis=1)
-            gate, up = jnp.split(_einsum("btd,df->btf", x, fused, cfg.dtype), 2, axis=-1)
+            kernel = jnp.concatenate([w_gate, w_up], axis=1)
+            gate, up = jnp.split(_einsum("btd,df->btf", x, kernel, cfg.dtype), 2, axis=-1)
         else:
             gate = _einsum("btd,df->btf", x, w_gate, cfg.dtype)
             up = _einsum("btd,df->btf", x, w_up, cfg.dtype)
@@ -280,7 +283,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embedding, ``n_layers`` blocks and the final norm: ``tokens [B, T] -> hidden [B, T, D]``.
 
-    Parameters: ``embed.embedding [V, D]``, ``layers`` (stacked on a leading ``L`` axis when
+    Parameters: ``embedding [V, D]``, ``layers`` (stacked on a leading ``L`` axis when
     ``config.scan_layers``; otherwise ``layers_0 ... layers_{L-1}``), ``final_norm.scale``.
     """
 
@@ -319,7 +322,7 @@ class Transformer(nn.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Hidden states ``[B, T, D]`` (compute dtype) and the updated cache (or ``None``)."""
+        """Hidden states ``[B, T, D]`` float32 and the updated cache (or ``None``)."""
         cfg = self.config
         tokens = jnp.asarray(tokens)
         if attention_mask is None:
@@ -337,9 +340,9 @@ class Transformer(nn.Module):
         query_slot = index + jnp.arange(length, dtype=jnp.int32)
         key_slot = jnp.arange(key_mask.shape[1], dtype=jnp.int32)
         allowed = (key_slot[None, :] <= query_slot[:, None])[None] & (key_mask[:, None, :] > 0)
-        cos, sin = rotary_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.dtype)
+        cos, sin = rotary_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, jnp.float32)
 
-        x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
+        x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
         if cache is None:
             layer_caches = [None] * cfg.n_layers
         else:
@@ -362,7 +365,8 @@ class Transformer(nn.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Tied output projection ``hidden [B, T, D] @ embeddingᵀ -> [B, T, V]`` float32."""
-        return jnp.einsum("btd,vd->btv", hidden, self.embedding.astype(hidden.dtype),
+        dtype = self.config.dtype
+        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.embedding.astype(dtype),
                           preferred_element_type=jnp.float32)
 
 
