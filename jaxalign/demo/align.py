@@ -1,0 +1,231 @@
+"""Stages 5–7 of the demo: PPO against the reward model, DPO / IPO / ORPO on the preference
+pairs, and the evaluation of every resulting policy against the SFT model.
+
+Compilation is shared wherever shapes allow: one RLHF step serves every fixed-β PPO run of the
+sweep (β lives in the state's KL-controller state, not in the program), and each preference
+loss is compiled once with its hyperparameter (β or λ) as a traced argument — the factories'
+``jit=False`` mode exists for callers that wrap the step in their own ``jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxalign.data import DataLoader
+from jaxalign.demo import task
+from jaxalign.demo.cache import load_params, save_params
+from jaxalign.demo.pipeline import Context, preference_dataset, progress
+from jaxalign.evaluate import evaluate_policy, mean_and_se
+from jaxalign.models import RewardModel, ValueModel
+from jaxalign.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
+from jaxalign.train import create_train_state, make_optimizer, make_preference_step
+
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo")
+
+# Compiled programs shared between stages of one process, keyed by what is baked into them.
+_COMPILED: dict[Any, Any] = {}
+
+
+def run_name(method: str, value: float | None = None) -> str:
+    """Directory name of one training run: ``ppo``, ``ppo_fixed_0.1``, ``dpo_beta0.1``, ..."""
+    if method == "ppo_fixed":
+        return f"ppo_fixed_{value:g}"
+    if method == "dpo":
+        return f"dpo_beta{value:g}"
+    return method
+
+
+# ----------------------------------------------------------------------------- PPO
+def _rlhf_config(ctx: Context, *, kl_coef: float, adaptive: bool) -> RLHFConfig:
+    cfg = ctx.config
+    return RLHFConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=ctx.tokenizer.eos_id,
+        pad_id=ctx.tokenizer.padding_id, kl_coef=kl_coef,
+        kl_target=cfg.ppo_kl_target if adaptive else None, kl_horizon=cfg.ppo_kl_horizon,
+        missing_eos_penalty=1.0, ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.ppo_minibatches)
+
+
+def _ppo_optimizers(ctx: Context):
+    cfg = ctx.config
+    updates = cfg.ppo_iterations * cfg.ppo_epochs * cfg.ppo_minibatches
+    return (make_optimizer(cfg.ppo_lr, total_steps=updates, warmup_steps=updates // 10),
+            make_optimizer(cfg.ppo_value_lr, total_steps=updates, warmup_steps=updates // 10))
+
+
+def stage_ppo(ctx: Context, out: Path, *, kl_coef: float, adaptive: bool) -> dict[str, Any]:
+    """PPO (GAE, value model initialised from the reward model) with the one-jit RLHF step.
+
+    Before each iteration the current policy samples the iteration's prompts once more with a
+    fresh key; the gold reward of those samples is the reward curve (the training rollouts
+    themselves stay inside the compiled step).
+    """
+    cfg = ctx.config
+    model_config = ctx.model.config
+    rlhf_config = _rlhf_config(ctx, kl_coef=kl_coef, adaptive=adaptive)
+    # kl_coef only sets the initial controller state, so runs that differ in it share a step
+    key = ("rlhf", ctx.model, dataclasses.replace(rlhf_config, kl_coef=0.0), cfg.ppo_lr, cfg.ppo_value_lr,
+           cfg.ppo_iterations)
+    if key not in _COMPILED:
+        policy_opt, value_opt = _ppo_optimizers(ctx)
+        _COMPILED[key] = (make_rlhf_step(
+            ctx.model, ValueModel(model_config), RewardModel(model_config), rlhf_config,
+            policy_optimizer=policy_opt, value_optimizer=value_opt), policy_opt, value_opt)
+    step, policy_opt, value_opt = _COMPILED[key]
+    state = init_rlhf_state(rlhf_config, ctx.sft_params(), policy_opt,
+                            reward_params=load_params(ctx.out / "reward_model" / "params.msgpack"),
+                            value_optimizer=value_opt)
+    prompts = ctx.prompts("ppo_prompts")
+    n = cfg.ppo_batch
+    curve: dict[str, list] = {k: [] for k in ("gold_reward", "gold_reward_se", "rm_score", "kl",
+                                               "kl_coef", "response_length")}
+    per_iteration_gold = []
+    base_key = jax.random.key(cfg.seed + 30)
+    bar = progress(range(cfg.ppo_iterations), desc=f"ppo (β0={kl_coef:g}"
+                   f"{', adaptive' if adaptive else ''})", unit="it")
+    for it in bar:
+        batch = {k: v[it * n:(it + 1) * n] for k, v in prompts.items()}
+        sample = ctx.sample(state.policy_params, batch, jax.random.fold_in(base_key, 2 * it))
+        gold = task.gold_rewards(ctx.decode(sample.tokens, sample.completion_mask))
+        per_iteration_gold.append(gold.tolist())
+        mean, se = mean_and_se(gold)
+        state, metrics = step(state, batch, jax.random.fold_in(base_key, 2 * it + 1))
+        metrics = jax.device_get(metrics)
+        curve["gold_reward"].append(mean)
+        curve["gold_reward_se"].append(se)
+        curve["rm_score"].append(float(metrics["score/mean"]))
+        curve["kl"].append(float(metrics["kl"]))
+        curve["kl_coef"].append(float(metrics["kl_coef"]))
+        curve["response_length"].append(float(metrics["response_length"]))
+        bar.set_postfix(gold=f"{mean:+.2f}", rm=f"{curve['rm_score'][-1]:+.2f}",
+                        kl=f"{curve['kl'][-1]:.2f}", beta=f"{curve['kl_coef'][-1]:.3f}")
+    save_params(state.policy_params, out / "params.msgpack")
+    return {"hyperparameters": {"kl_coef_init": kl_coef, "adaptive": adaptive,
+                                "kl_target": rlhf_config.kl_target, "lr": cfg.ppo_lr,
+                                "iterations": cfg.ppo_iterations, "batch": n},
+            "curve": {"iteration": list(range(cfg.ppo_iterations)), **curve},
+            "per_iteration_gold": per_iteration_gold}
+
+
+# ----------------------------------------------------------------------------- DPO/IPO/ORPO
+def _preference_step(model: Any, loss: str, *, learning_rate: float, steps: int):
+    """``(step, optimizer)``; ``step(state, batch, coef)`` is compiled once per loss and
+    schedule, ``coef`` being β (λ for ORPO)."""
+    key = ("preference", model, loss, learning_rate, steps)
+    if key not in _COMPILED:
+        optimizer = make_optimizer(learning_rate, total_steps=steps, warmup_steps=steps // 10)
+
+        def step(state, batch, coef):
+            kwargs = {"lam": coef} if loss == "orpo" else {"beta": coef}
+            inner = make_preference_step(model, optimizer, loss=loss, jit=False, **kwargs)
+            return inner(state, batch)
+
+        _COMPILED[key] = (jax.jit(step, donate_argnums=(0,)), optimizer)
+    return _COMPILED[key]
+
+
+def stage_preference(ctx: Context, out: Path, *, loss: str, coef: float) -> dict[str, Any]:
+    """DPO / IPO (reference = SFT, in the state) or ORPO (no reference) from the SFT model."""
+    cfg = ctx.config
+    dataset = preference_dataset(ctx, "train")
+    loader = DataLoader(dataset, cfg.pref_batch, seed=cfg.seed + 40)
+    steps = max(1, cfg.pref_epochs * loader.steps_per_epoch)
+    learning_rate = cfg.orpo_lr if loss == "orpo" else cfg.pref_lr
+    step, optimizer = _preference_step(ctx.model, loss, learning_rate=learning_rate, steps=steps)
+    params = ctx.sft_params()  # a fresh copy; create_train_state copies the reference again
+    state = create_train_state(params, optimizer, jax.random.key(cfg.seed + 41),
+                               ref_params=None if loss == "orpo" else params)
+    coef_array = np.float32(coef)
+    history = []
+    bar = progress(range(steps), desc=f"{loss} ({'λ' if loss == 'orpo' else 'β'}={coef:g})",
+                   unit="step")
+    for index in bar:
+        state, metrics = step(state, loader.batch_at(index), coef_array)
+        if index % 10 == 0 or index == steps - 1:
+            metrics = jax.device_get(metrics)
+            history.append({k: float(metrics[k]) for k in ("loss", "rewards/accuracies",
+                                                           "rewards/margins")})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}",
+                            acc=f"{history[-1]['rewards/accuracies']:.2f}")
+    save_params(state.params, out / "params.msgpack")
+    name = "lam" if loss == "orpo" else "beta"
+    return {"hyperparameters": {name: coef, "lr": learning_rate, "steps": steps,
+                                "batch": cfg.pref_batch},
+            "first": history[0], "final": history[-1]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+def stage_baseline(ctx: Context, out: Path) -> dict[str, Any]:
+    """SFT completions of the evaluation prompts: the comparison set for every win rate."""
+    sample = ctx.sample(ctx.sft_params(), ctx.prompts("eval_prompts"),
+                        jax.random.key(ctx.config.seed + 50))
+    rewards = task.gold_rewards(ctx.decode(sample.tokens, sample.completion_mask))
+    return {"rewards": rewards.tolist(), "gold_reward": float(np.mean(rewards))}
+
+
+def stage_evaluate(ctx: Context, out: Path, *, run: str, baseline: list[float]) -> dict[str, Any]:
+    """Gold reward, KL to SFT and win rate vs the baseline for the policy of ``run``."""
+    prompts = ctx.prompts("eval_prompts")
+    params_path = ctx.out / ("sft" if run == "sft" else run) / "params.msgpack"
+    bar = progress(total=1, desc=f"evaluate {run}", unit="model")
+    result = evaluate_policy(
+        ctx.model, load_params(params_path), ctx.sft_params(), prompts["prompt_ids"],
+        prompts["prompt_mask"], jax.random.key(ctx.config.seed + 51), score_fn=task.gold_rewards,
+        decode_fn=ctx.decode, baseline_rewards=np.asarray(baseline),
+        max_new_tokens=ctx.config.max_new_tokens, eos_id=ctx.tokenizer.eos_id,
+        pad_id=ctx.tokenizer.padding_id, batch_size=ctx.config.gen_batch, seed=ctx.config.seed)
+    bar.update(1)
+    bar.close()
+    return result
+
+
+def planned_runs(ctx: Context) -> list[tuple[str, str, float, bool]]:
+    """``(run, method, coefficient, is_main)`` for every training run, main methods first."""
+    cfg = ctx.config
+    runs = [("ppo", "ppo", cfg.ppo_kl_coef, True),
+            (run_name("dpo", cfg.dpo_beta), "dpo", cfg.dpo_beta, True),
+            ("ipo", "ipo", cfg.ipo_beta, True),
+            ("orpo", "orpo", cfg.orpo_lam, True)]
+    runs += [(run_name("dpo", b), "dpo", b, False) for b in cfg.dpo_sweep if b != cfg.dpo_beta]
+    runs += [(run_name("ppo_fixed", b), "ppo_fixed", b, False) for b in cfg.ppo_sweep]
+    return runs
+
+
+def run_alignment(ctx: Context) -> dict[str, Any]:
+    """Trains and evaluates every run; returns ``{"runs", "evals", "baseline"}``."""
+    cfg, cache = ctx.config, ctx.cache
+    ppo_settings = {k: getattr(cfg, k) for k in (
+        "seed", "ppo_iterations", "ppo_batch", "ppo_lr", "ppo_value_lr", "ppo_kl_target",
+        "ppo_kl_horizon", "ppo_epochs", "ppo_minibatches", "gen_batch")}
+    pref_settings = {k: getattr(cfg, k) for k in ("seed", "pref_epochs", "pref_batch", "pref_lr",
+                                                  "orpo_lr")}
+    baseline = cache.run("eval/baseline", {"seed": cfg.seed, "eval_prompts": cfg.eval_prompts},
+                         ("sft",), lambda d: stage_baseline(ctx, d))
+    runs, evals = {}, {}
+    evals["sft"] = cache.run("eval/sft", {"seed": cfg.seed}, ("sft", "eval/baseline"),
+                             lambda d: stage_evaluate(ctx, d, run="sft",
+                                                      baseline=baseline["rewards"]))
+    for run, method, coef, _ in planned_runs(ctx):
+        if method in ("ppo", "ppo_fixed"):
+            adaptive = method == "ppo"
+            runs[run] = cache.run(run, {**ppo_settings, "kl_coef": coef, "adaptive": adaptive},
+                                  ("reward_model",),
+                                  lambda d, c=coef, a=adaptive: stage_ppo(ctx, d, kl_coef=c,
+                                                                          adaptive=a))
+        else:
+            runs[run] = cache.run(run, {**pref_settings, "loss": method, "coef": coef},
+                                  ("preferences",),
+                                  lambda d, m=method, c=coef: stage_preference(ctx, d, loss=m,
+                                                                               coef=c))
+        evals[run] = cache.run(f"eval/{run}", {"seed": cfg.seed}, (run, "eval/baseline"),
+                               lambda d, r=run: stage_evaluate(ctx, d, run=r,
+                                                               baseline=baseline["rewards"]))
+    return {"runs": runs, "evals": evals, "baseline": baseline}
+
+
+__all__ = ["PREFERENCE_METHODS", "planned_runs", "run_alignment", "run_name",
+           "stage_ppo", "stage_preference", "stage_evaluate"]

@@ -1,0 +1,268 @@
+"""Stages 1–4 of the demo (corpus, tokenizer, SFT, preference data, reward model) and the
+orchestration of the whole run. Stages 5–7 live in :mod:`jaxalign.demo.align`; the report in
+:mod:`jaxalign.demo.report`.
+
+Every stage is a function ``stage(ctx, stage_dir) -> result`` run through
+:class:`~jaxalign.demo.cache.StageCache`, so a finished stage is skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxalign.data import DataConfig, DataLoader, load_jsonl
+from jaxalign.demo import task
+from jaxalign.demo.cache import StageCache, load_params, save_params
+from jaxalign.demo.config import DemoConfig
+from jaxalign.evaluate import sample_completions
+from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_head_from_causal_lm, init_params
+from jaxalign.tokenizer import Tokenizer
+from jaxalign.train import create_train_state, make_optimizer, make_reward_step, make_sft_step
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """The demo's progress bar (stderr, refreshed at most once a second)."""
+    return tqdm(iterable, file=sys.stderr, mininterval=1.0, dynamic_ncols=True, **kwargs)
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclasses.dataclass
+class Context:
+    """What later stages need from earlier ones (filled in as the run goes)."""
+
+    config: DemoConfig
+    cache: StageCache
+    tokenizer: Tokenizer | None = None
+    model: CausalLM | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.cache.out
+
+    def data_config(self) -> DataConfig:
+        """Fixed shapes: every batch is ``[B, max_len]`` (prompts ``[B, prompt_len]``)."""
+        cfg = self.config
+        return DataConfig(max_length=cfg.max_len, max_prompt_length=cfg.prompt_len,
+                          pad_to_max=True)
+
+    def prompts(self, name: str) -> dict[str, np.ndarray]:
+        """All prompts of ``OUT/corpus/NAME.jsonl`` as one left-padded batch."""
+        dataset = load_jsonl(self.out / "corpus" / f"{name}.jsonl", self.tokenizer, kind="prompt",
+                             config=self.data_config())
+        return dataset.collate(np.arange(len(dataset)))
+
+    def decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+        return self.tokenizer.decode_batch(tokens, attention_mask=mask)
+
+    def sft_params(self) -> Any:
+        return load_params(self.out / "sft" / "params.msgpack")
+
+    def sample(self, params: Any, prompts: dict[str, np.ndarray], key: jax.Array):
+        cfg = self.config
+        return sample_completions(
+            self.model, params, prompts["prompt_ids"], prompts["prompt_mask"], key,
+            max_new_tokens=cfg.max_new_tokens, eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.padding_id, batch_size=cfg.gen_batch)
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_corpus(ctx: Context, out: Path) -> dict[str, Any]:
+    """Reviews as SFT records, and the prompt sets for preferences, PPO and evaluation."""
+    cfg = ctx.config
+    rng = np.random.default_rng(cfg.seed)
+    records = []
+    for index in progress(range(cfg.num_reviews), desc="corpus", unit="review"):
+        prompt, completion = task.sample_review(rng, positive=index % 2 == 0)
+        records.append({"prompt": prompt, "completion": completion})
+    write_jsonl(out / "reviews.jsonl", records)
+    sizes = {"preference_prompts": cfg.pref_prompts,
+             "ppo_prompts": cfg.ppo_iterations * cfg.ppo_batch,
+             "eval_prompts": cfg.eval_prompts}
+    for offset, (name, count) in enumerate(sizes.items(), start=1):
+        prompts = task.make_prompts(count, seed=cfg.seed * 1000 + offset)
+        write_jsonl(out / f"{name}.jsonl", [{"prompt": p} for p in prompts])
+    gold = task.gold_rewards(r["completion"] for r in records)
+    return {"reviews": len(records), "positive_share": float(np.mean(gold > 0)),
+            "negative_share": float(np.mean(gold < 0)), "gold_mean": float(np.mean(gold)), **sizes}
+
+
+def stage_tokenizer(ctx: Context, out: Path) -> dict[str, Any]:
+    """Byte-level BPE trained on the reviews."""
+    records = read_jsonl(ctx.out / "corpus" / "reviews.jsonl")
+    texts = (r["prompt"] + r["completion"]
+             for r in progress(records, desc="tokenizer", unit="review"))
+    tokenizer = Tokenizer.train_bpe(texts, vocab_size=ctx.config.vocab_size)
+    tokenizer.save(out / "tokenizer")
+    lengths = [len(tokenizer.encode(r["completion"])) for r in records[:2000]]
+    return {"vocab_size": tokenizer.vocab_size,
+            "completion_tokens_p50": float(np.median(lengths)),
+            "completion_tokens_max": int(max(lengths))}
+
+
+def make_model(ctx: Context) -> None:
+    cfg = ctx.config
+    ctx.tokenizer = Tokenizer.from_file(ctx.out / "tokenizer" / "tokenizer")
+    ctx.model = CausalLM(TransformerConfig(
+        vocab_size=ctx.tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, d_ff=cfg.d_ff, max_len=cfg.max_len))
+
+
+def stage_sft(ctx: Context, out: Path) -> dict[str, Any]:
+    """Pretrain/SFT the policy on whole reviews (opening included) with ``make_sft_step``."""
+    cfg = ctx.config
+    dataset = load_jsonl(ctx.out / "corpus" / "reviews.jsonl", ctx.tokenizer, kind="sft",
+                         config=ctx.data_config())
+    loader = DataLoader(dataset, cfg.sft_batch, seed=cfg.seed)
+    optimizer = make_optimizer(cfg.sft_lr, total_steps=cfg.sft_steps,
+                               warmup_steps=cfg.sft_steps // 10, end_lr_ratio=0.1)
+    params = init_params(ctx.model, jax.random.key(cfg.seed))
+    state = create_train_state(params, optimizer, jax.random.key(cfg.seed + 1))
+    step = make_sft_step(ctx.model, optimizer, include_prompt=True)
+    losses = []
+    bar = progress(range(cfg.sft_steps), desc="sft", unit="step")
+    for index in bar:
+        state, metrics = step(state, loader.batch_at(index))
+        if index % 20 == 0 or index == cfg.sft_steps - 1:
+            losses.append(float(metrics["nll"]))
+            bar.set_postfix(nll=f"{losses[-1]:.3f}")
+    save_params(state.params, out / "params.msgpack")
+    return {"steps": cfg.sft_steps, "first_nll": losses[0], "final_nll": losses[-1],
+            "truncated_reviews": dataset.report.num_truncated}
+
+
+def stage_preferences(ctx: Context, out: Path) -> dict[str, Any]:
+    """Two SFT samples per prompt, labelled by a Bradley–Terry annotator on the gold reward.
+
+    Pairs with equal gold reward (the annotator is indifferent), identical texts, an empty
+    completion, or one that ran out of tokens before EOS are dropped. A random ``heldout_fraction`` of
+    the pairs goes to ``heldout.jsonl``; both files carry ``gold_chosen``/``gold_rejected``.
+    """
+    cfg = ctx.config
+    params = ctx.sft_params()
+    prompts = ctx.prompts("preference_prompts")
+    texts_prompt = ctx.decode(prompts["prompt_ids"], prompts["prompt_mask"])
+    key = jax.random.key(cfg.seed + 10)
+    samples = []
+    for index in progress(range(2), desc="preferences: sampling", unit="set"):
+        sample = ctx.sample(params, prompts, jax.random.fold_in(key, index))
+        finished = np.any((sample.tokens == ctx.tokenizer.eos_id) & (sample.completion_mask > 0), 1)
+        samples.append((ctx.decode(sample.tokens, sample.completion_mask), finished))
+    (texts_a, done_a), (texts_b, done_b) = samples
+    gold_a, gold_b = task.gold_rewards(texts_a), task.gold_rewards(texts_b)
+    rng = np.random.default_rng(cfg.seed + 11)
+    records, ties, unfinished, agree = [], 0, 0, 0
+    for i in range(len(texts_a)):
+        if (not (done_a[i] and done_b[i]) or texts_a[i] == texts_b[i]
+                or not texts_a[i].strip() or not texts_b[i].strip()):
+            unfinished += 1
+            continue
+        if gold_a[i] == gold_b[i]:
+            ties += 1
+            continue
+        a_wins = task.bradley_terry_label(gold_a[i], gold_b[i], rng, temperature=cfg.bt_temperature)
+        (chosen, g_c), (rejected, g_r) = ((texts_a[i], gold_a[i]), (texts_b[i], gold_b[i]))[
+            :: 1 if a_wins else -1]
+        agree += int(g_c > g_r)
+        records.append({"prompt": texts_prompt[i], "chosen": chosen, "rejected": rejected,
+                        "gold_chosen": g_c, "gold_rejected": g_r})
+    order = rng.permutation(len(records))
+    n_heldout = max(1, int(round(cfg.heldout_fraction * len(records))))
+    write_jsonl(out / "heldout.jsonl", [records[i] for i in order[:n_heldout]])
+    write_jsonl(out / "train.jsonl", [records[i] for i in order[n_heldout:]])
+    return {"pairs_train": len(records) - n_heldout, "pairs_heldout": n_heldout,
+            "ties_dropped": ties, "unfinished_empty_or_identical_dropped": unfinished,
+            "label_agreement_with_gold": agree / max(len(records), 1),
+            "bt_temperature": cfg.bt_temperature,
+            "sft_sample_gold_mean": float(np.mean(np.concatenate([gold_a, gold_b])))}
+
+
+def preference_dataset(ctx: Context, split: str):
+    return load_jsonl(ctx.out / "preferences" / f"{split}.jsonl", ctx.tokenizer,
+                      kind="preference", config=ctx.data_config())
+
+
+def stage_reward_model(ctx: Context, out: Path) -> dict[str, Any]:
+    """Bradley–Terry reward model, trunk initialised from the SFT model."""
+    cfg = ctx.config
+    train, heldout = preference_dataset(ctx, "train"), preference_dataset(ctx, "heldout")
+    loader = DataLoader(train, cfg.rm_batch, seed=cfg.seed + 20)
+    steps = max(1, cfg.rm_epochs * loader.steps_per_epoch)
+    reward_model = RewardModel(ctx.model.config)
+    params = init_head_from_causal_lm(reward_model, ctx.sft_params(), jax.random.key(cfg.seed + 21))
+    optimizer = make_optimizer(cfg.rm_lr, total_steps=steps, warmup_steps=steps // 10)
+    state = create_train_state(params, optimizer, jax.random.key(cfg.seed + 22))
+    step = make_reward_step(reward_model, optimizer)
+    accuracies = []
+    bar = progress(range(steps), desc="reward model", unit="step")
+    for index in bar:
+        state, metrics = step(state, loader.batch_at(index))
+        accuracies.append(metrics["accuracy"])
+        if index % 20 == 0:
+            bar.set_postfix(loss=f"{float(metrics['bt_loss']):.3f}")
+    save_params(state.params, out / "params.msgpack")
+
+    score = jax.jit(lambda p, ids, mask: reward_model.apply({"params": p}, ids, mask))
+    batch = heldout.collate(np.arange(len(heldout)))
+    chosen = np.asarray(score(state.params, batch["chosen_ids"], batch["chosen_attention_mask"]))
+    rejected = np.asarray(score(state.params, batch["rejected_ids"],
+                                batch["rejected_attention_mask"]))
+    records = read_jsonl(ctx.out / "preferences" / "heldout.jsonl")
+    gold_says_chosen = np.asarray([r["gold_chosen"] > r["gold_rejected"] for r in records])
+    rm_says_chosen = chosen > rejected
+    tail = max(1, len(accuracies) // 5)
+    return {"steps": steps,
+            "heldout_accuracy": float(np.mean(rm_says_chosen == gold_says_chosen)),
+            "heldout_label_accuracy": float(np.mean(rm_says_chosen)),
+            "train_accuracy": float(np.mean([float(a) for a in accuracies[-tail:]])),
+            "heldout_pairs": int(len(records))}
+
+
+# ----------------------------------------------------------------------------- the run
+def run_demo(config: DemoConfig, out: str | Path, *, log: Callable[[str], None] = print,
+             start_time: float | None = None) -> dict[str, Any]:
+    """Runs (or resumes) every stage under ``out`` and writes the report; returns it."""
+    from jaxalign.demo import align, report
+
+    start_time = time.perf_counter() if start_time is None else start_time
+    cache = StageCache(out, log=log)
+    ctx = Context(config=config, cache=cache)
+    cfg = config
+    results: dict[str, Any] = {}
+    results["corpus"] = cache.run("corpus", {k: getattr(cfg, k) for k in (
+        "seed", "num_reviews", "pref_prompts", "ppo_iterations", "ppo_batch", "eval_prompts")},
+        (), lambda d: stage_corpus(ctx, d))
+    results["tokenizer"] = cache.run("tokenizer", {"vocab_size": cfg.vocab_size}, ("corpus",),
+                                     lambda d: stage_tokenizer(ctx, d))
+    make_model(ctx)
+    model_settings = {k: getattr(cfg, k) for k in (
+        "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "prompt_len", "max_new_tokens")}
+    results["sft"] = cache.run("sft", {**model_settings, **{k: getattr(cfg, k) for k in (
+        "seed", "sft_steps", "sft_batch", "sft_lr")}}, ("tokenizer",), lambda d: stage_sft(ctx, d))
+    results["preferences"] = cache.run("preferences", {k: getattr(cfg, k) for k in (
+        "seed", "bt_temperature", "heldout_fraction", "gen_batch")}, ("sft",),
+        lambda d: stage_preferences(ctx, d))
+    results["reward_model"] = cache.run("reward_model", {k: getattr(cfg, k) for k in (
+        "seed", "rm_epochs", "rm_batch", "rm_lr")}, ("preferences",),
+        lambda d: stage_reward_model(ctx, d))
+    results.update(align.run_alignment(ctx))
+    return report.write_report(ctx, results, start_time=start_time)

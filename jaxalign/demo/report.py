@@ -1,0 +1,166 @@
+"""The demo's targets, ``report.json``, ``report.md``, plots and console table.
+
+The schema of ``report.json`` is documented in :mod:`jaxalign.evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from jaxalign.demo.align import planned_runs
+from jaxalign.evaluate import curve_improvement, plot_frontier, plot_reward_curve
+
+METHODS = ("ppo", "dpo", "ipo", "orpo")
+RM_ACCURACY_TARGET = 0.75
+WIN_RATE_TARGET = 0.65
+PPO_MARGIN_UNITS = 0.5  # gold-reward units
+PPO_MARGIN_SES = 2.0  # standard errors
+
+
+def _method_entry(evaluation: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
+    entry = {k: v for k, v in evaluation.items() if k != "rewards"}
+    entry["hyperparameters"] = {} if run is None else run["hyperparameters"]
+    return entry
+
+
+def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = []
+
+    def add(name, value, threshold, passed):
+        targets.append({"name": name, "value": value, "threshold": threshold,
+                        "passed": bool(passed)})
+
+    accuracy = report["reward_model"]["heldout_accuracy"]
+    add("reward_model.heldout_accuracy", accuracy, f">= {RM_ACCURACY_TARGET}",
+        accuracy >= RM_ACCURACY_TARGET)
+    for method in METHODS:
+        entry = report["methods"][method]
+        add(f"{method}.win_rate_vs_sft", entry["win_rate_vs_sft"], f">= {WIN_RATE_TARGET}",
+            entry["win_rate_vs_sft"] >= WIN_RATE_TARGET)
+        low = entry["win_rate_ci"][0]
+        add(f"{method}.win_rate_ci_low", low, "> 0.5", low > 0.5)
+        add(f"{method}.kl_to_sft", entry["kl_to_sft"], "reported (finite)",
+            math.isfinite(entry["kl_to_sft"]))
+    gain = report["ppo_curve"]["improvement"]
+    needed = max(PPO_MARGIN_UNITS, PPO_MARGIN_SES * gain["se"])
+    add("ppo.curve_last10%_minus_first10%", gain["improvement"],
+        f"> max({PPO_MARGIN_UNITS}, {PPO_MARGIN_SES:g}·SE) = {needed:.3f}",
+        gain["improvement"] > needed)
+    return targets
+
+
+def build_report(ctx, results: dict[str, Any]) -> dict[str, Any]:
+    """Assembles the report dictionary (schema in :mod:`jaxalign.evaluate`) from stage results."""
+    cfg = ctx.config
+    runs, evals = results["runs"], results["evals"]
+    main = {method: run for run, method, _, is_main in planned_runs(ctx) if is_main}
+    methods = {"sft": _method_entry(evals["sft"], None)}
+    for method in METHODS:
+        methods[method] = _method_entry(evals[main[method]], runs[main[method]])
+    ppo = runs["ppo"]
+    curve = dict(ppo["curve"])
+    curve["improvement"] = curve_improvement(ppo["per_iteration_gold"], fraction=0.1)
+    frontier = [{"method": "sft", "param": "", "value": 0.0, "run": "sft",
+                 "gold_reward": evals["sft"]["gold_reward"], "kl_to_sft": 0.0,
+                 "win_rate_vs_sft": evals["sft"]["win_rate_vs_sft"]}]
+    for run, method, coef, _ in planned_runs(ctx):
+        label = {"ppo": "ppo (adaptive KL)", "ppo_fixed": "ppo (fixed β)"}.get(method, method)
+        param = {"orpo": "λ", "ppo": "β0"}.get(method, "β")
+        frontier.append({"method": label, "param": param, "value": coef, "run": run,
+                         "gold_reward": evals[run]["gold_reward"],
+                         "kl_to_sft": evals[run]["kl_to_sft"],
+                         "win_rate_vs_sft": evals[run]["win_rate_vs_sft"]})
+    report = {
+        "config": cfg.to_dict(), "quick": cfg.quick,
+        "corpus": results["corpus"], "tokenizer": results["tokenizer"], "sft": results["sft"],
+        "preferences": results["preferences"], "reward_model": results["reward_model"],
+        "methods": methods, "ppo_curve": curve, "frontier": frontier,
+        "stages": {"ran": ctx.cache.ran, "skipped": ctx.cache.skipped},
+    }
+    report["targets"] = _targets(report)
+    report["passed"] = all(t["passed"] for t in report["targets"])
+    report["enforced"] = not cfg.quick
+    return report
+
+
+def results_table(report: dict[str, Any]) -> list[str]:
+    """The results as aligned text rows (method, gold reward, KL, win rate, CI)."""
+    rows = [f"{'method':<6} {'gold reward':>16} {'KL to SFT':>16} {'win vs SFT':>10} "
+            f"{'95% CI':>15}  hyperparameters"]
+    for name, entry in report["methods"].items():
+        low, high = entry["win_rate_ci"]
+        hyper = ", ".join(f"{k}={v}" for k, v in entry["hyperparameters"].items()
+                          if k in ("beta", "lam", "kl_coef_init", "kl_target"))
+        rows.append(f"{name:<6} {entry['gold_reward']:+8.3f} ± {entry['gold_reward_se']:5.3f} "
+                    f"{entry['kl_to_sft']:8.3f} ± {entry['kl_to_sft_se']:5.3f} "
+                    f"{entry['win_rate_vs_sft']:10.3f} [{low:.3f}, {high:.3f}]  {hyper}")
+    return rows
+
+
+def target_lines(report: dict[str, Any]) -> list[str]:
+    return [f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']:<34} {t['value']:8.3f}  "
+            f"(target {t['threshold']})" for t in report["targets"]]
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    rm, prefs, gain = report["reward_model"], report["preferences"], report["ppo_curve"]["improvement"]
+    lines = ["# jaxalign demo: controlled sentiment", "",
+             f"Quick mode: {report['quick']}. Total wall time: {report['total_wall_s']:.1f} s.", "",
+             "## Results (gold reward of samples, KL(π‖π_SFT) in nats per completion, "
+             "win rate vs SFT with bootstrap 95% CI)", "",
+             "| method | gold reward | KL to SFT | win rate vs SFT | 95% CI | hyperparameters |",
+             "|---|---|---|---|---|---|"]
+    for name, e in report["methods"].items():
+        hyper = ", ".join(f"{k}={v}" for k, v in e["hyperparameters"].items())
+        lines.append(f"| {name} | {e['gold_reward']:+.3f} ± {e['gold_reward_se']:.3f} | "
+                     f"{e['kl_to_sft']:.3f} ± {e['kl_to_sft_se']:.3f} | "
+                     f"{e['win_rate_vs_sft']:.3f} | [{e['win_rate_ci'][0]:.3f}, "
+                     f"{e['win_rate_ci'][1]:.3f}] | {hyper} |")
+    lines += ["", "## Targets", "", "| target | value | threshold | result |", "|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['value']:.3f} | {t['threshold']} | "
+              f"{'pass' if t['passed'] else 'FAIL'} |" for t in report["targets"]]
+    lines += ["", "## Data and reward model", "",
+              f"- preference pairs: {prefs['pairs_train']} train, {prefs['pairs_heldout']} "
+              f"held out; {prefs['ties_dropped']} gold ties dropped; labels agree with gold on "
+              f"{prefs['label_agreement_with_gold']:.3f} (Bradley–Terry τ = "
+              f"{prefs['bt_temperature']})",
+              f"- reward model held-out accuracy vs gold: {rm['heldout_accuracy']:.3f} "
+              f"(vs noisy labels {rm['heldout_label_accuracy']:.3f})",
+              f"- PPO gold reward, first 10% of iterations {gain['first_mean']:+.3f} → last 10% "
+              f"{gain['last_mean']:+.3f} (improvement {gain['improvement']:+.3f} ± "
+              f"{gain['se']:.3f} SE)", "",
+              "## Reward–KL frontier", "", "| method | swept | gold reward | KL to SFT | win rate |",
+              "|---|---|---|---|---|"]
+    for p in report["frontier"]:
+        swept = f"{p['param']}={p['value']:g}" if p["param"] else "-"
+        lines.append(f"| {p['method']} | {swept} | {p['gold_reward']:+.3f} | "
+                     f"{p['kl_to_sft']:.3f} | {p['win_rate_vs_sft']:.3f} |")
+    lines += ["", "![reward curve](reward_curve.png)", "", "![frontier](frontier.png)", "",
+              "## Samples", ""]
+    for name, e in report["methods"].items():
+        lines += [f"- **{name}**: " + " / ".join(f"“{t.strip()}”" for t in e["examples"][:3])]
+    lines += ["", "## Stage timings (seconds when the stage ran; * = reused from the cache)", ""]
+    lines += [f"- {k}: {v:.1f}{' *' if k in report['stages']['skipped'] else ''}"
+              for k, v in report["stage_seconds_when_run"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(ctx, results: dict[str, Any], *, start_time: float) -> dict[str, Any]:
+    """Builds the report, draws the plots, writes ``report.json`` and ``report.md``."""
+    out = ctx.out
+    report = build_report(ctx, results)
+    curves = {"adaptive KL (main)": results["runs"]["ppo"]["curve"]}
+    for run, method, coef, _ in planned_runs(ctx):
+        if method == "ppo_fixed":
+            curves[f"fixed β={coef:g}"] = results["runs"][run]["curve"]
+    plot_reward_curve(curves, str(out / "reward_curve.png"))
+    plot_frontier(report["frontier"], str(out / "frontier.png"))
+    report["timings_s"] = dict(ctx.cache.timings)
+    report["stage_seconds_when_run"] = dict(ctx.cache.recorded)
+    report["total_wall_s"] = time.perf_counter() - start_time
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(_markdown(report))
+    return report
