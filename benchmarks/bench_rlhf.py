@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import matmul_peak_gflops, spawn_worker  # noqa: E402
 
 BATCH, PROMPT, NEW = 16, 32, 64
 EPOCHS, MINIBATCHES = 2, 2
@@ -199,30 +201,8 @@ def worker_torch(iterations: int) -> dict:
             "compile_s": first["iteration_s"] - median("iteration_s"), "peak_rss_mb": _rss_mb()}
 
 
-def worker_matmul(repeats: int = 10) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return {"gflops": 2 * n**3 / best / 1e9}
-
-
 def _spawn(name: str, iterations: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--iterations", str(iterations)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return spawn_worker(os.path.abspath(__file__), name, "--iterations", str(iterations))
 
 
 def main(argv=None) -> None:
@@ -232,7 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        fn = {"jax": worker_jax, "torch": worker_torch, "matmul": lambda n: worker_matmul()}[args.worker]
+        fn = {"jax": worker_jax, "torch": worker_torch, "matmul": lambda n: matmul_peak_gflops()}[args.worker]
         print(json.dumps(fn(args.iterations)))
         return
 

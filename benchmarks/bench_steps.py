@@ -22,9 +22,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import matmul_peak_gflops, spawn_worker  # noqa: E402
 
 PAIRS, SEQ, PROMPT = 8, 128, 32
 THREADS = 2
@@ -182,30 +184,8 @@ def worker_torch_dpo(steps: int) -> dict:
     return {"step_s": min(times), "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_matmul(repeats: int = 10) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return {"gflops": 2 * n**3 / best / 1e9}
-
-
 def _spawn(name: str, steps: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return spawn_worker(os.path.abspath(__file__), name, "--steps", str(steps))
 
 
 def _have_torch() -> bool:
@@ -227,7 +207,7 @@ def main(argv=None) -> None:
 
     if args.worker:
         if args.worker == "matmul":
-            result = worker_matmul()
+            result = matmul_peak_gflops()
         elif args.worker == "torch_dpo":
             result = worker_torch_dpo(args.steps)
         else:

@@ -21,6 +21,7 @@ from jaxalign.train.state import (
     compile_step,
     create_train_state,
     learning_rate_schedule,
+    make_loss_step,
     make_optimizer,
     nonfinite_count,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "compile_step",
     "create_train_state",
     "learning_rate_schedule",
+    "make_loss_step",
     "make_optimizer",
     "make_preference_step",
     "make_reference_logps_fn",

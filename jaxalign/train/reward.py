@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.losses import bradley_terry_loss
-from jaxalign.train.state import TrainState, apply_gradients, compile_step
+from jaxalign.train.state import TrainState, make_loss_step
 
 
 def ranking_pair_weights(ranks: jax.Array) -> jax.Array:
@@ -91,17 +91,8 @@ def make_reward_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` training a reward model (pairs or rankings)."""
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        grad_fn = jax.value_and_grad(
-            lambda p: reward_loss(model, p, batch, center_coef=center_coef), has_aux=True
-        )
-        (loss, metrics), grads = grad_fn(state.params)
-        state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
-        if axis_name is not None:
-            metrics = jax.lax.pmean(metrics, axis_name)
-            loss = jax.lax.pmean(loss, axis_name)
-        return state, {"loss": loss, **metrics, **opt_metrics}
+    def loss_fn(params, state, batch):
+        del state
+        return reward_loss(model, params, batch, center_coef=center_coef)
 
-    if axis_name is not None or not jit:
-        return step  # the caller wraps it (pmap / shard_map over axis_name, or its own jit)
-    return compile_step(step)
+    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit)

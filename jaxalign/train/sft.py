@@ -10,7 +10,7 @@ import optax
 
 from jaxalign.logprobs import token_logprobs
 from jaxalign.masking import masked_mean
-from jaxalign.train.state import TrainState, apply_gradients, compile_step
+from jaxalign.train.state import TrainState, make_loss_step
 
 
 def sft_loss(
@@ -55,17 +55,8 @@ def make_sft_step(
     Metrics: ``loss``, ``nll``, ``tokens``, ``grad_norm``, ``skipped_updates``.
     """
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        grad_fn = jax.value_and_grad(
-            lambda p: sft_loss(model, p, batch, include_prompt=include_prompt), has_aux=True
-        )
-        (loss, metrics), grads = grad_fn(state.params)
-        state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
-        if axis_name is not None:
-            metrics = jax.lax.pmean(metrics, axis_name)
-            loss = jax.lax.pmean(loss, axis_name)
-        return state, {"loss": loss, **metrics, **opt_metrics}
+    def loss_fn(params, state, batch):
+        del state
+        return sft_loss(model, params, batch, include_prompt=include_prompt)
 
-    if axis_name is not None or not jit:
-        return step  # the caller wraps it (pmap / shard_map over axis_name, or its own jit)
-    return compile_step(step)
+    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit)

@@ -173,3 +173,36 @@ def compile_step(
     if out_shardings is not None:
         kwargs["out_shardings"] = out_shardings
     return jax.jit(step_fn, donate_argnums=(0,), **kwargs)
+
+
+def make_loss_step(
+    loss_fn: Callable[[Any, TrainState, dict], tuple[jax.Array, dict]],
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+    jit: bool = True,
+    prepare_batch: Callable[[TrainState, dict], dict] | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The step every factory builds: differentiate ``loss_fn(params, state, batch) ->
+    (loss, metrics)``, apply the optimiser, and return ``(state, {"loss", **metrics,
+    "grad_norm", "skipped_updates"})``. ``prepare_batch(state, batch)`` runs first, outside the
+    differentiated function (e.g. reference log-probs, which do not depend on ``params``).
+
+    Jitted with the state donated, unless ``axis_name`` is given (gradients and metrics are then
+    ``pmean``-ed over it and the caller wraps the step in ``pmap``/``shard_map``) or ``jit`` is
+    false.
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if prepare_batch is not None:
+            batch = prepare_batch(state, batch)
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda params: loss_fn(params, state, batch), has_aux=True)(state.params)
+        state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
+        if axis_name is not None:
+            loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
+        return state, {"loss": loss, **metrics, **opt_metrics}
+
+    if axis_name is not None or not jit:
+        return step
+    return compile_step(step)
