@@ -5,9 +5,9 @@ What is measured, for a policy ``π`` and a reference ``π_SFT`` on the same pro
 * **gold reward**: mean of a scoring function (any ``texts -> [N]`` callable; the demo uses
   :func:`jaxalign.demo.task.gold_reward`) over completions sampled from ``π`` at temperature 1;
 * **KL(π‖π_SFT)**, sequence level, from the policy's own samples:
-  ``KL ≈ mean_i Σ_t [log π(y_it | y_i<t) − log π_SFT(y_it | y_i<t)]`` — an unbiased Monte-Carlo
-  estimate of the KL between the two distributions over whole completions (nats per completion,
-  as the DPO paper's Figure 2 plots it). It is exactly 0 when the two models are the same;
+  ``KL ≈ mean_i Σ_t [log π(y_it | y_i<t) − log π_SFT(y_it | y_i<t)]`` — an unbiased
+  Monte-Carlo estimate of the KL between the two distributions over whole completions (nats
+  per completion, as the DPO paper's Figure 2 plots it); exactly 0 for identical models;
 * **win rate vs SFT**: each prompt gets one completion from ``π`` and one from ``π_SFT``;
   the gold reward judges, a win counts 1, a tie ½, a loss 0; the win rate is the mean outcome,
   with a percentile **bootstrap 95% confidence interval** over prompts;
@@ -23,8 +23,8 @@ method and its swept hyperparameter, like Figure 2 of Rafailov et al. 2023, arXi
       "config": {...},                        # the DemoConfig that produced it
       "quick": bool,
       "corpus": {"reviews": int, "positive_share": float, "negative_share": float,
-                 "gold_mean": float, "preference_prompts": int, "ppo_prompts": int,
-                 "eval_prompts": int},
+                 "gold_mean": float},
+      "prompts": {"preference_prompts": int, "ppo_prompts": int, "eval_prompts": int},
       "tokenizer": {"vocab_size": int, "completion_tokens_p50": float,
                     "completion_tokens_max": int},
       "sft": {"steps": int, "first_nll": float, "final_nll": float, "truncated_reviews": int},
@@ -114,7 +114,8 @@ def win_outcomes(rewards: np.ndarray, baseline_rewards: np.ndarray) -> np.ndarra
     baseline_rewards = np.asarray(baseline_rewards, dtype=np.float64)
     if rewards.shape != baseline_rewards.shape or rewards.ndim != 1:
         raise ValueError(f"need two [N] arrays; got {rewards.shape} and {baseline_rewards.shape}")
-    return np.where(rewards > baseline_rewards, 1.0, np.where(rewards == baseline_rewards, 0.5, 0.0))
+    ties = np.where(rewards == baseline_rewards, 0.5, 0.0)
+    return np.where(rewards > baseline_rewards, 1.0, ties)
 
 
 def win_rate(rewards: np.ndarray, baseline_rewards: np.ndarray) -> float:
@@ -145,7 +146,8 @@ def bootstrap_ci(
     chunk = max(1, 2_000_000 // values.size)  # bound the [chunk, N] index matrix
     for start in range(0, n_resamples, chunk):
         stop = min(start + chunk, n_resamples)
-        means[start:stop] = values[rng.integers(0, values.size, (stop - start, values.size))].mean(1)
+        rows = rng.integers(0, values.size, (stop - start, values.size))
+        means[start:stop] = values[rows].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
@@ -300,7 +302,8 @@ def evaluate_policy(
     return {"gold_reward": gold, "gold_reward_se": gold_se, "kl_to_sft": kl_mean,
             "kl_to_sft_se": kl_se, "win_rate_vs_sft": rate, "win_rate_ci": [low, high],
             "n": int(len(rewards)),
-            "examples": [p + t for p, t in zip(prompts, texts[:n_examples])], "rewards": rewards.tolist()}
+            "examples": [p + t for p, t in zip(prompts, texts[:n_examples])],
+            "rewards": rewards.tolist()}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -316,7 +319,10 @@ def _pyplot():
 def plot_reward_curve(
     curves: dict[str, dict[str, Sequence[float]]], path: str, *, title: str = "PPO: gold reward"
 ) -> None:
-    """One line (± 1 standard error band) per run: ``{label: {"gold_reward", "gold_reward_se"}}``."""
+    """One line (± 1 standard error band) per run.
+
+    ``curves``: ``{label: {"gold_reward": [T], "gold_reward_se": [T]}}``; writes a PNG to ``path``.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, curve in curves.items():
@@ -337,8 +343,11 @@ def plot_reward_curve(
 
 def plot_frontier(points: Sequence[dict[str, Any]], path: str, *,
                   title: str = "Reward–KL frontier") -> None:
-    """Gold reward against KL(π‖π_SFT), one marker style per method, points annotated with
-    their swept value. ``points``: ``[{"method", "param", "value", "gold_reward", "kl_to_sft"}]``."""
+    """Gold reward against KL(π‖π_SFT), one marker style per method, each point annotated with
+    its swept value; writes a PNG to ``path``.
+
+    ``points``: ``[{"method", "param", "value", "gold_reward", "kl_to_sft"}]``.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     methods = list(dict.fromkeys(p["method"] for p in points))

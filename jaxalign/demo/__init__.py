@@ -3,8 +3,8 @@
 ``python -m jaxalign.demo [--quick] [--out runs/demo]`` (``make demo``) runs, each stage cached
 under ``OUT/<stage>/`` (a re-run skips what is finished; see :mod:`jaxalign.demo.cache`):
 
-1. ``corpus``: generated movie reviews, balanced positive/negative (:mod:`jaxalign.demo.task`),
-   and the prompt sets (review openings) for preferences, PPO and evaluation;
+1. ``corpus``: generated movie reviews, balanced positive/negative (:mod:`jaxalign.demo.task`);
+   ``prompts``: the review openings used for preferences, PPO and evaluation;
 2. ``tokenizer``: byte-level BPE (``Tokenizer.train_bpe``);
 3. ``sft``: a small ``CausalLM`` pretrained on the reviews (``make_sft_step``);
 4. ``preferences``: two SFT samples per prompt, labelled by a Bradley–Terry annotator on the

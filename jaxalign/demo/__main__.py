@@ -20,14 +20,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxalign.demo.config import FULL, QUICK
     from jaxalign.demo.pipeline import run_demo
-    from jaxalign.demo.report import results_table, target_lines
+    from jaxalign.demo.report import results_table, summary_lines, target_lines
 
     config = QUICK if args.quick else FULL
     report = run_demo(config, args.out, start_time=_START)
     print()
-    print("\n".join(results_table(report)))
-    print()
     print("\n".join(target_lines(report)))
+    print()
+    print("\n".join(summary_lines(report)))
+    print()
+    print("\n".join(results_table(report)))
     skipped = report["stages"]["skipped"]
     if skipped:
         print(f"\n{len(skipped)} stage(s) reused from {args.out} (cached): {', '.join(skipped)}")

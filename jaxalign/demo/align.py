@@ -47,7 +47,7 @@ def _rlhf_config(ctx: Context, *, kl_coef: float, adaptive: bool) -> RLHFConfig:
         max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=ctx.tokenizer.eos_id,
         pad_id=ctx.tokenizer.padding_id, kl_coef=kl_coef,
         kl_target=cfg.ppo_kl_target if adaptive else None, kl_horizon=cfg.ppo_kl_horizon,
-        missing_eos_penalty=1.0, ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.ppo_minibatches)
+        missing_eos_penalty=cfg.ppo_missing_eos_penalty, ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.ppo_minibatches)
 
 
 def _ppo_optimizers(ctx: Context):
@@ -68,8 +68,8 @@ def stage_ppo(ctx: Context, out: Path, *, kl_coef: float, adaptive: bool) -> dic
     model_config = ctx.model.config
     rlhf_config = _rlhf_config(ctx, kl_coef=kl_coef, adaptive=adaptive)
     # kl_coef only sets the initial controller state, so runs that differ in it share a step
-    key = ("rlhf", ctx.model, dataclasses.replace(rlhf_config, kl_coef=0.0), cfg.ppo_lr, cfg.ppo_value_lr,
-           cfg.ppo_iterations)
+    key = ("rlhf", ctx.model, dataclasses.replace(rlhf_config, kl_coef=0.0), cfg.ppo_lr,
+           cfg.ppo_value_lr, cfg.ppo_iterations)
     if key not in _COMPILED:
         policy_opt, value_opt = _ppo_optimizers(ctx)
         _COMPILED[key] = (make_rlhf_step(
@@ -200,11 +200,12 @@ def run_alignment(ctx: Context) -> dict[str, Any]:
     cfg, cache = ctx.config, ctx.cache
     ppo_settings = {k: getattr(cfg, k) for k in (
         "seed", "ppo_iterations", "ppo_batch", "ppo_lr", "ppo_value_lr", "ppo_kl_target",
-        "ppo_kl_horizon", "ppo_epochs", "ppo_minibatches", "gen_batch")}
+        "ppo_kl_horizon", "ppo_epochs", "ppo_minibatches", "ppo_missing_eos_penalty",
+        "gen_batch")}
     pref_settings = {k: getattr(cfg, k) for k in ("seed", "pref_epochs", "pref_batch", "pref_lr",
                                                   "orpo_lr")}
     baseline = cache.run("eval/baseline", {"seed": cfg.seed, "eval_prompts": cfg.eval_prompts},
-                         ("sft",), lambda d: stage_baseline(ctx, d))
+                         ("sft", "prompts"), lambda d: stage_baseline(ctx, d))
     runs, evals = {}, {}
     evals["sft"] = cache.run("eval/sft", {"seed": cfg.seed}, ("sft", "eval/baseline"),
                              lambda d: stage_evaluate(ctx, d, run="sft",
@@ -213,7 +214,7 @@ def run_alignment(ctx: Context) -> dict[str, Any]:
         if method in ("ppo", "ppo_fixed"):
             adaptive = method == "ppo"
             runs[run] = cache.run(run, {**ppo_settings, "kl_coef": coef, "adaptive": adaptive},
-                                  ("reward_model",),
+                                  ("reward_model", "prompts"),
                                   lambda d, c=coef, a=adaptive: stage_ppo(ctx, d, kl_coef=c,
                                                                           adaptive=a))
         else:

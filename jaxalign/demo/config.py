@@ -45,6 +45,7 @@ class DemoConfig:
     ppo_kl_horizon: float = 2_000.0
     ppo_epochs: int = 2
     ppo_minibatches: int = 2
+    ppo_missing_eos_penalty: float = 1.0  # subtracted from the score of a review without EOS
     ppo_sweep: tuple[float, ...] = (0.02, 0.1, 0.5)
     # DPO (β swept), IPO, ORPO
     pref_epochs: int = 1

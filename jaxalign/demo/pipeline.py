@@ -25,7 +25,9 @@ from jaxalign.demo import task
 from jaxalign.demo.cache import StageCache, load_params, save_params
 from jaxalign.demo.config import DemoConfig
 from jaxalign.evaluate import sample_completions
-from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_head_from_causal_lm, init_params
+from jaxalign.models import (
+    CausalLM, RewardModel, TransformerConfig, init_head_from_causal_lm, init_params,
+)
 from jaxalign.tokenizer import Tokenizer
 from jaxalign.train import create_train_state, make_optimizer, make_reward_step, make_sft_step
 
@@ -66,8 +68,8 @@ class Context:
                           pad_to_max=True)
 
     def prompts(self, name: str) -> dict[str, np.ndarray]:
-        """All prompts of ``OUT/corpus/NAME.jsonl`` as one left-padded batch."""
-        dataset = load_jsonl(self.out / "corpus" / f"{name}.jsonl", self.tokenizer, kind="prompt",
+        """All prompts of ``OUT/prompts/NAME.jsonl`` as one left-padded batch."""
+        dataset = load_jsonl(self.out / "prompts" / f"{name}.jsonl", self.tokenizer, kind="prompt",
                              config=self.data_config())
         return dataset.collate(np.arange(len(dataset)))
 
@@ -87,7 +89,7 @@ class Context:
 
 # ----------------------------------------------------------------------------- stages
 def stage_corpus(ctx: Context, out: Path) -> dict[str, Any]:
-    """Reviews as SFT records, and the prompt sets for preferences, PPO and evaluation."""
+    """The generated reviews, as SFT records ``{"prompt", "completion"}``."""
     cfg = ctx.config
     rng = np.random.default_rng(cfg.seed)
     records = []
@@ -95,15 +97,22 @@ def stage_corpus(ctx: Context, out: Path) -> dict[str, Any]:
         prompt, completion = task.sample_review(rng, positive=index % 2 == 0)
         records.append({"prompt": prompt, "completion": completion})
     write_jsonl(out / "reviews.jsonl", records)
+    gold = task.gold_rewards(r["completion"] for r in records)
+    return {"reviews": len(records), "positive_share": float(np.mean(gold > 0)),
+            "negative_share": float(np.mean(gold < 0)), "gold_mean": float(np.mean(gold))}
+
+
+def stage_prompts(ctx: Context, out: Path) -> dict[str, Any]:
+    """The prompt sets (review openings) for preference pairs, PPO and evaluation."""
+    cfg = ctx.config
     sizes = {"preference_prompts": cfg.pref_prompts,
              "ppo_prompts": cfg.ppo_iterations * cfg.ppo_batch,
              "eval_prompts": cfg.eval_prompts}
-    for offset, (name, count) in enumerate(sizes.items(), start=1):
+    for offset, (name, count) in enumerate(progress(sizes.items(), desc="prompts", unit="set"),
+                                           start=1):
         prompts = task.make_prompts(count, seed=cfg.seed * 1000 + offset)
         write_jsonl(out / f"{name}.jsonl", [{"prompt": p} for p in prompts])
-    gold = task.gold_rewards(r["completion"] for r in records)
-    return {"reviews": len(records), "positive_share": float(np.mean(gold > 0)),
-            "negative_share": float(np.mean(gold < 0)), "gold_mean": float(np.mean(gold)), **sizes}
+    return sizes
 
 
 def stage_tokenizer(ctx: Context, out: Path) -> dict[str, Any]:
@@ -154,8 +163,9 @@ def stage_preferences(ctx: Context, out: Path) -> dict[str, Any]:
     """Two SFT samples per prompt, labelled by a Bradley–Terry annotator on the gold reward.
 
     Pairs with equal gold reward (the annotator is indifferent), identical texts, an empty
-    completion, or one that ran out of tokens before EOS are dropped. A random ``heldout_fraction`` of
-    the pairs goes to ``heldout.jsonl``; both files carry ``gold_chosen``/``gold_rejected``.
+    completion, or one that ran out of tokens before EOS are dropped. A random
+    ``heldout_fraction`` of the pairs goes to ``heldout.jsonl``, the rest to ``train.jsonl``;
+    both carry ``gold_chosen``/``gold_rejected`` (extra fields the data loader ignores).
     """
     cfg = ctx.config
     params = ctx.sft_params()
@@ -248,9 +258,11 @@ def run_demo(config: DemoConfig, out: str | Path, *, log: Callable[[str], None] 
     ctx = Context(config=config, cache=cache)
     cfg = config
     results: dict[str, Any] = {}
-    results["corpus"] = cache.run("corpus", {k: getattr(cfg, k) for k in (
-        "seed", "num_reviews", "pref_prompts", "ppo_iterations", "ppo_batch", "eval_prompts")},
-        (), lambda d: stage_corpus(ctx, d))
+    results["corpus"] = cache.run("corpus", {"seed": cfg.seed, "num_reviews": cfg.num_reviews},
+                                  (), lambda d: stage_corpus(ctx, d))
+    results["prompts"] = cache.run("prompts", {k: getattr(cfg, k) for k in (
+        "seed", "pref_prompts", "ppo_iterations", "ppo_batch", "eval_prompts")}, (),
+        lambda d: stage_prompts(ctx, d))
     results["tokenizer"] = cache.run("tokenizer", {"vocab_size": cfg.vocab_size}, ("corpus",),
                                      lambda d: stage_tokenizer(ctx, d))
     make_model(ctx)
@@ -259,7 +271,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, log: Callable[[str], None] 
     results["sft"] = cache.run("sft", {**model_settings, **{k: getattr(cfg, k) for k in (
         "seed", "sft_steps", "sft_batch", "sft_lr")}}, ("tokenizer",), lambda d: stage_sft(ctx, d))
     results["preferences"] = cache.run("preferences", {k: getattr(cfg, k) for k in (
-        "seed", "bt_temperature", "heldout_fraction", "gen_batch")}, ("sft",),
+        "seed", "bt_temperature", "heldout_fraction", "gen_batch")}, ("sft", "prompts"),
         lambda d: stage_preferences(ctx, d))
     results["reward_model"] = cache.run("reward_model", {k: getattr(cfg, k) for k in (
         "seed", "rm_epochs", "rm_batch", "rm_lr")}, ("preferences",),

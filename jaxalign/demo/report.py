@@ -75,7 +75,7 @@ def build_report(ctx, results: dict[str, Any]) -> dict[str, Any]:
                          "win_rate_vs_sft": evals[run]["win_rate_vs_sft"]})
     report = {
         "config": cfg.to_dict(), "quick": cfg.quick,
-        "corpus": results["corpus"], "tokenizer": results["tokenizer"], "sft": results["sft"],
+        "corpus": results["corpus"], "prompts": results["prompts"], "tokenizer": results["tokenizer"], "sft": results["sft"],
         "preferences": results["preferences"], "reward_model": results["reward_model"],
         "methods": methods, "ppo_curve": curve, "frontier": frontier,
         "stages": {"ran": ctx.cache.ran, "skipped": ctx.cache.skipped},
@@ -100,13 +100,31 @@ def results_table(report: dict[str, Any]) -> list[str]:
     return rows
 
 
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Data, reward-model and PPO-curve figures the targets refer to."""
+    prefs, rm = report["preferences"], report["reward_model"]
+    gain = report["ppo_curve"]["improvement"]
+    return [
+        f"preference pairs: {prefs['pairs_train']} train / {prefs['pairs_heldout']} held out, "
+        f"labels agree with gold on {prefs['label_agreement_with_gold']:.3f} "
+        f"(Bradley–Terry τ={prefs['bt_temperature']:g})",
+        f"reward model: held-out accuracy vs gold {rm['heldout_accuracy']:.3f} "
+        f"({rm['heldout_pairs']} pairs)",
+        f"PPO gold reward: first {gain['iterations_pooled']} iterations {gain['first_mean']:+.3f}"
+        f" -> last {gain['iterations_pooled']} {gain['last_mean']:+.3f}; margin "
+        f"{gain['improvement']:+.3f} ± {gain['se']:.3f} (SE); required > max({PPO_MARGIN_UNITS}, "
+        f"{PPO_MARGIN_SES:g}·SE)",
+    ]
+
+
 def target_lines(report: dict[str, Any]) -> list[str]:
     return [f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']:<34} {t['value']:8.3f}  "
             f"(target {t['threshold']})" for t in report["targets"]]
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    rm, prefs, gain = report["reward_model"], report["preferences"], report["ppo_curve"]["improvement"]
+    rm, prefs = report["reward_model"], report["preferences"]
+    gain = report["ppo_curve"]["improvement"]
     lines = ["# jaxalign demo: controlled sentiment", "",
              f"Quick mode: {report['quick']}. Total wall time: {report['total_wall_s']:.1f} s.", "",
              "## Results (gold reward of samples, KL(π‖π_SFT) in nats per completion, "
@@ -132,8 +150,8 @@ def _markdown(report: dict[str, Any]) -> str:
               f"- PPO gold reward, first 10% of iterations {gain['first_mean']:+.3f} → last 10% "
               f"{gain['last_mean']:+.3f} (improvement {gain['improvement']:+.3f} ± "
               f"{gain['se']:.3f} SE)", "",
-              "## Reward–KL frontier", "", "| method | swept | gold reward | KL to SFT | win rate |",
-              "|---|---|---|---|---|"]
+              "## Reward–KL frontier", "",
+              "| method | swept | gold reward | KL to SFT | win rate |", "|---|---|---|---|---|"]
     for p in report["frontier"]:
         swept = f"{p['param']}={p['value']:g}" if p["param"] else "-"
         lines.append(f"| {p['method']} | {swept} | {p['gold_reward']:+.3f} | "
