@@ -146,6 +146,9 @@ def init_rlhf_state(
     """
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     ref_params = copy(policy_params if ref_params is None else ref_params)
+    # The step donates the state: a reward model initialised from the policy's trunk would
+    # otherwise share buffers with it ("donate the same buffer twice").
+    reward_params = None if reward_params is None else copy(reward_params)
     value_opt_state = None
     if config.uses_critic and not config.shared_value_head:
         if value_params is None:

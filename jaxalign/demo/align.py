@@ -25,7 +25,8 @@ from jaxalign.models import RewardModel, ValueModel
 from jaxalign.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
 from jaxalign.train import create_train_state, make_optimizer, make_preference_step
 
-PREFERENCE_METHODS = ("dpo", "ipo", "orpo")
+__all__ = ["planned_runs", "run_alignment", "run_name", "stage_baseline", "stage_evaluate",
+           "stage_ppo", "stage_preference"]
 
 # Compiled programs shared between stages of one process, keyed by what is baked into them.
 _COMPILED: dict[Any, Any] = {}
@@ -47,7 +48,8 @@ def _rlhf_config(ctx: Context, *, kl_coef: float, adaptive: bool) -> RLHFConfig:
         max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=ctx.tokenizer.eos_id,
         pad_id=ctx.tokenizer.padding_id, kl_coef=kl_coef,
         kl_target=cfg.ppo_kl_target if adaptive else None, kl_horizon=cfg.ppo_kl_horizon,
-        missing_eos_penalty=cfg.ppo_missing_eos_penalty, ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.ppo_minibatches)
+        missing_eos_penalty=cfg.ppo_missing_eos_penalty, ppo_epochs=cfg.ppo_epochs,
+        num_minibatches=cfg.ppo_minibatches)
 
 
 def _ppo_optimizers(ctx: Context):
@@ -204,10 +206,11 @@ def run_alignment(ctx: Context) -> dict[str, Any]:
         "gen_batch")}
     pref_settings = {k: getattr(cfg, k) for k in ("seed", "pref_epochs", "pref_batch", "pref_lr",
                                                   "orpo_lr")}
-    baseline = cache.run("eval/baseline", {"seed": cfg.seed, "eval_prompts": cfg.eval_prompts},
+    baseline = cache.run("eval/baseline", {"seed": cfg.seed, "gen_batch": cfg.gen_batch},
                          ("sft", "prompts"), lambda d: stage_baseline(ctx, d))
     runs, evals = {}, {}
-    evals["sft"] = cache.run("eval/sft", {"seed": cfg.seed}, ("sft", "eval/baseline"),
+    eval_settings = {"seed": cfg.seed, "gen_batch": cfg.gen_batch}
+    evals["sft"] = cache.run("eval/sft", eval_settings, ("sft", "eval/baseline"),
                              lambda d: stage_evaluate(ctx, d, run="sft",
                                                       baseline=baseline["rewards"]))
     for run, method, coef, _ in planned_runs(ctx):
@@ -222,11 +225,8 @@ def run_alignment(ctx: Context) -> dict[str, Any]:
                                   ("preferences",),
                                   lambda d, m=method, c=coef: stage_preference(ctx, d, loss=m,
                                                                                coef=c))
-        evals[run] = cache.run(f"eval/{run}", {"seed": cfg.seed}, (run, "eval/baseline"),
+        evals[run] = cache.run(f"eval/{run}", eval_settings, (run, "eval/baseline"),
                                lambda d, r=run: stage_evaluate(ctx, d, run=r,
                                                                baseline=baseline["rewards"]))
     return {"runs": runs, "evals": evals, "baseline": baseline}
 
-
-__all__ = ["PREFERENCE_METHODS", "planned_runs", "run_alignment", "run_name",
-           "stage_ppo", "stage_preference", "stage_evaluate"]

@@ -190,8 +190,8 @@ def stage_preferences(ctx: Context, out: Path) -> dict[str, Any]:
             ties += 1
             continue
         a_wins = task.bradley_terry_label(gold_a[i], gold_b[i], rng, temperature=cfg.bt_temperature)
-        (chosen, g_c), (rejected, g_r) = ((texts_a[i], gold_a[i]), (texts_b[i], gold_b[i]))[
-            :: 1 if a_wins else -1]
+        pair = [(texts_a[i], float(gold_a[i])), (texts_b[i], float(gold_b[i]))]
+        (chosen, g_c), (rejected, g_r) = pair if a_wins else pair[::-1]
         agree += int(g_c > g_r)
         records.append({"prompt": texts_prompt[i], "chosen": chosen, "rejected": rejected,
                         "gold_chosen": g_c, "gold_rejected": g_r})
