@@ -66,9 +66,8 @@ def completion_scorer(reward_fn: Callable[[jax.Array, jax.Array], jax.Array]) ->
 
 
 @functools.lru_cache(maxsize=16)
-def _make_best_of_n(policy, scorer, n, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
-    generate = make_generate(policy, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+def _make_best_of_n(policy, scorer, n, sampling: tuple):
+    generate = make_generate(policy, **dict(sampling))
 
     @jax.jit
     def run(params, prompt_ids, prompt_mask, key):
@@ -94,13 +93,7 @@ def best_of_n(
     prompts: dict,
     n: int,
     key: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_id: int | None = None,
-    pad_id: int = 0,
+    **sampling: Any,
 ) -> BestOfN:
     """Samples ``n`` completions per prompt and keeps the highest-scoring one (one jit).
 
@@ -112,14 +105,15 @@ def best_of_n(
       prompts: ``{"prompt_ids", "prompt_mask"}`` ``[B, P]``, left-padded.
       n: samples per prompt.
       key: PRNG key.
+      **sampling: keyword arguments of :func:`jaxalign.generate` (``max_new_tokens``, required;
+        ``temperature``, ``top_k``, ``top_p``, ``eos_id``, ``pad_id``).
 
     Returns:
       :class:`BestOfN`.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    run = _make_best_of_n(policy, scorer, n, max_new_tokens, float(temperature), top_k,
-                          float(top_p), eos_id, pad_id)
+    run = _make_best_of_n(policy, scorer, n, tuple(sorted(sampling.items())))
     return run(params, jnp.asarray(prompts["prompt_ids"], jnp.int32),
                jnp.asarray(prompts["prompt_mask"], jnp.int32), key)
 

@@ -33,7 +33,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxalign.options import ConfigError, add_options, checked, load_config_file, option
+from jaxalign.options import (
+    ConfigError, OptimizerOptions, add_options, checked, load_config_file, option,
+)
 from jaxalign.rl_options import LabelConfig, PPOConfig, RSConfig
 
 __all__ = [
@@ -73,7 +75,7 @@ _REF = ("dpo", "ipo")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(OptimizerOptions):
     """Everything one training run depends on (the CLI's options, the file's keys)."""
 
     data: str | None = _opt(None, "JSONL training data (required)", metavar="FILE.jsonl")
@@ -94,10 +96,6 @@ class TrainConfig:
                                " (continue with --resume)", type=int)
     batch_size: int = _opt(8, "records per batch (pairs for rm/dpo/ipo/orpo)", type=int)
     lr: float = _opt(1e-4, "peak learning rate (AdamW)", type=float)
-    warmup_steps: int = _opt(0, "linear warmup updates before the cosine decay", type=int)
-    end_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of --lr", type=float)
-    weight_decay: float = _opt(0.0, "decoupled weight decay", type=float)
-    max_grad_norm: float = _opt(1.0, "global-norm gradient clip (<= 0: none)", type=float)
     grad_accum_steps: int = _opt(1, "batches averaged per optimiser update", type=int)
     beta: float = _opt(0.1, "DPO/IPO temperature beta", type=float, commands=_REF)
     label_smoothing: float = _opt(0.0, "conservative DPO label smoothing in [0, 0.5)", type=float,
@@ -127,6 +125,7 @@ class TrainConfig:
     progress: bool = _opt(True, "tqdm progress bar (off: a log line per logged step)", type=bool)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive = ("steps", "batch_size", "grad_accum_steps", "pad_multiple", "save_every",
                     "keep", "log_every")
         for name in positive:
@@ -135,8 +134,6 @@ class TrainConfig:
         for name in ("stop_at", "max_length", "max_prompt_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
         if self.on_bad_record not in ("error", "skip"):
             raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -145,10 +142,9 @@ class TrainConfig:
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` (the schedule spans the
         optimiser updates: ``steps / grad_accum_steps``)."""
-        return {"learning_rate": self.lr, "total_steps": -(-self.steps // self.grad_accum_steps),
-                "warmup_steps": self.warmup_steps, "end_lr_ratio": self.end_lr_ratio,
-                "weight_decay": self.weight_decay, "grad_accum_steps": self.grad_accum_steps,
-                "max_grad_norm": self.max_grad_norm if self.max_grad_norm > 0 else None}
+        updates = -(-self.steps // self.grad_accum_steps)
+        return {**self.schedule_options(self.lr, updates),
+                "grad_accum_steps": self.grad_accum_steps}
 
     def step_options(self, kind: str) -> dict[str, Any]:
         """Keyword arguments of the ``make_X_step`` factory of command ``kind``."""

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "add_options", "checked", "load_config_file", "option"]
+__all__ = ["ConfigError", "OptimizerOptions", "add_options", "checked", "load_config_file",
+           "option"]
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,31 @@ def option(default: Any, help: str, *, type: Any = str, commands: tuple[str, ...
     if isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """The schedule and regularisation options every training command shares (the peak ``lr``
+    is each command's own: its default differs between pretraining-style and RL runs)."""
+
+    warmup_steps: int = option(0, "linear warmup updates before the cosine decay", type=int)
+    end_lr_ratio: float = option(0.0, "final learning rate as a fraction of --lr", type=float)
+    weight_decay: float = option(0.0, "decoupled weight decay", type=float)
+    max_grad_norm: float = option(1.0, "global-norm gradient clip (<= 0: none)", type=float)
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
+
+    def schedule_options(self, learning_rate: float, total_steps: int) -> dict[str, Any]:
+        """Keyword arguments of ``jaxalign.train.make_optimizer``."""
+        return {"learning_rate": learning_rate, "total_steps": total_steps,
+                "warmup_steps": self.warmup_steps, "end_lr_ratio": self.end_lr_ratio,
+                "weight_decay": self.weight_decay,
+                "max_grad_norm": self.max_grad_norm if self.max_grad_norm > 0 else None}
+
+
+_OPTIMIZER_FIELDS = {f.name for f in dataclasses.fields(OptimizerOptions)}
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -154,7 +180,14 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> No
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, command: str) -> None:
-    """A flag on ``parser`` for every field of ``cls`` that ``command`` takes."""
+    """A flag on ``parser`` for every field of ``cls`` that ``command`` takes (the shared
+    :class:`OptimizerOptions` listed right after ``--lr``, where a reader looks for them)."""
+    shared = [f for f in dataclasses.fields(cls) if f.name in _OPTIMIZER_FIELDS]
+    fields = []
     for field in dataclasses.fields(cls):
+        if field.name not in _OPTIMIZER_FIELDS:
+            fields += [field] + (shared if field.name == "lr" else [])
+    fields += [] if "lr" in {f.name for f in fields} else shared
+    for field in fields:
         if field.metadata["commands"] is None or command in field.metadata["commands"]:
             _add_option(parser, field)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxalign.options import ConfigError, option
+from jaxalign.options import ConfigError, OptimizerOptions, option
 
 __all__ = ["LabelConfig", "PPOConfig", "RSConfig"]
 
@@ -35,7 +35,7 @@ def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
-class _PolicyRunConfig:
+class _PolicyRunConfig(OptimizerOptions):
     """What ``ppo`` and ``rs`` share: a policy sampling prompts, a reward model scoring them."""
 
     prompts: str | None = option(None, "JSONL of {\"prompt\"} records (required); other fields"
@@ -56,10 +56,6 @@ class _PolicyRunConfig:
     max_new_tokens: int = option(32, "tokens sampled per completion", type=int)
     temperature: float = option(1.0, "sampling temperature", type=float)
     lr: float = option(1e-5, "peak learning rate (AdamW) of the policy", type=float)
-    warmup_steps: int = option(0, "linear warmup updates before the cosine decay", type=int)
-    end_lr_ratio: float = option(0.0, "final learning rate as a fraction of --lr", type=float)
-    weight_decay: float = option(0.0, "decoupled weight decay", type=float)
-    max_grad_norm: float = option(1.0, "global-norm gradient clip (<= 0: none)", type=float)
     max_prompt_length: int | None = option(None, "prompts keep their last this many tokens"
                                            " (default: the model's max_len - --max-new-tokens)",
                                            type=int)
@@ -74,16 +70,12 @@ class _PolicyRunConfig:
                             type=bool)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self, ("max_new_tokens", "pad_multiple"), ("max_prompt_length",))
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
 
     def optimizer_options(self, total_updates: int, lr: float | None = None) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` for ``total_updates`` updates."""
-        return {"learning_rate": self.lr if lr is None else lr, "total_steps": total_updates,
-                "warmup_steps": self.warmup_steps, "end_lr_ratio": self.end_lr_ratio,
-                "weight_decay": self.weight_decay,
-                "max_grad_norm": self.max_grad_norm if self.max_grad_norm > 0 else None}
+        return self.schedule_options(self.lr if lr is None else lr, total_updates)
 
 
 @dataclasses.dataclass(frozen=True)

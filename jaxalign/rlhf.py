@@ -452,5 +452,12 @@ def rlhf_state_shardings(
 
 def shard_rlhf_state(state: RLHFState, mesh: Mesh, **models) -> RLHFState:
     """Places ``state`` on ``mesh`` with :func:`rlhf_state_shardings` (``policy=…, value=…,
-    reward=…``)."""
+    reward=…``).
+
+    In a multi-process run every process passes the same values (same seed or the same
+    checkpoint); they go through host memory first, because ``device_put`` cannot move an
+    array committed to one local device onto a mesh that spans processes.
+    """
+    if jax.process_count() > 1:
+        state = jax.device_get(state)
     return jax.device_put(state, rlhf_state_shardings(state, mesh, **models))

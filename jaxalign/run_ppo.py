@@ -163,8 +163,6 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
     state = init_rlhf_state(rlhf_config, policy_params, policy_optimizer,
                             reward_params=run.reward_params, value_optimizer=value_optimizer)
     if mesh is not None:
-        if jax.process_count() > 1:  # host values (equal everywhere), placed shard by shard
-            state = jax.device_get(state)
         state = shard_rlhf_state(state, mesh, policy=actor, value=value, reward=run.reward)
     else:  # one placement for every leaf, as the step's outputs have (see runner.train)
         state = jax.device_put(state, jax.local_devices()[0])

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxalign.models.config import TransformerConfig
-from jaxalign.models.transformer import KVCache, Transformer
+from jaxalign.models.transformer import KVCache, Transformer, logical_param
 
 
 class LMHead(nn.Module):
@@ -40,14 +40,8 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
         cfg = self.config
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")
-            ),
-            (cfg.d_model, cfg.vocab_size),
-            cfg.param_dtype,
-        )
+        kernel = logical_param(self, "kernel", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                               cfg)
         return jnp.einsum("btd,dv->btv", hidden.astype(cfg.dtype), kernel.astype(cfg.dtype),
                           preferred_element_type=jnp.float32)
 
@@ -60,18 +54,8 @@ class ScalarHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
         cfg = self.config
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), ("embed",)
-            ),
-            (cfg.d_model,),
-            cfg.param_dtype,
-        )
-        bias = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), (),
-            cfg.param_dtype,
-        )
+        kernel = logical_param(self, "kernel", (cfg.d_model,), ("embed",), cfg)
+        bias = logical_param(self, "bias", (), (), cfg, nn.initializers.zeros_init())
         hidden = hidden.astype(jnp.float32)
         return jnp.einsum("...d,d->...", hidden, kernel.astype(jnp.float32)) + bias.astype(
             jnp.float32

@@ -100,6 +100,15 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+                  config: TransformerConfig, init: Any = None) -> jax.Array:
+    """``module.param(name)`` of ``shape`` in ``config.param_dtype``, its axes named by the
+    logical ``axes``; initialised ``normal(config.initializer_range)`` unless ``init`` is given."""
+    if init is None:
+        init = nn.initializers.normal(config.initializer_range)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, config.param_dtype)
+
+
 def _einsum(subscripts: str, x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     """``einsum`` of ``x`` and ``y`` cast to ``dtype``, accumulated and returned in float32."""
     return jnp.einsum(subscripts, x.astype(dtype), y.astype(dtype),
@@ -139,12 +148,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            (x.shape[-1],),
-            self.config.param_dtype,
-        )
+        scale = logical_param(self, "scale", (x.shape[-1],), ("embed",), self.config,
+                              nn.initializers.ones_init())
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(
             jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps
@@ -167,22 +172,11 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array | None]:
         cfg = self.config
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), self.axes),
-            self.shape,
-            cfg.param_dtype,
-        )
+        kernel = logical_param(self, "kernel", self.shape, self.axes, cfg)
         bias = None
         if self.bias_ndim:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(
-                    nn.initializers.zeros_init(), self.axes[-self.bias_ndim:]
-                ),
-                self.shape[-self.bias_ndim:],
-                cfg.param_dtype,
-            )
+            bias = logical_param(self, "bias", self.shape[-self.bias_ndim:],
+                                 self.axes[-self.bias_ndim:], cfg, nn.initializers.zeros_init())
         return kernel.astype(cfg.dtype), None if bias is None else bias.astype(cfg.dtype)
 
 
@@ -291,14 +285,8 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")
-            ),
-            (cfg.vocab_size, cfg.d_model),
-            cfg.param_dtype,
-        )
+        self.embedding = logical_param(self, "embedding", (cfg.vocab_size, cfg.d_model),
+                                       ("vocab", "embed"), cfg)
         block = Block
         if cfg.remat:
             block = nn.remat(block, prevent_cse=not cfg.scan_layers)
