@@ -3,9 +3,50 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
+import types
+
+_MODEL_ENV = "JAXALIGN_BENCH_MODEL"
+_MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads",
+                 "resolved_head_dim", "max_len", "norm_eps", "rope_theta")
+
+
+def bench_config():
+    """The ``bench`` model preset. In a worker it is read from the environment its parent set,
+    so a PyTorch worker never imports JAX and its peak memory is PyTorch's alone."""
+    text = os.environ.get(_MODEL_ENV)
+    if text:
+        return types.SimpleNamespace(**json.loads(text))
+    from jaxalign.models import get_config
+
+    return get_config("bench")
+
+
+def jax_bench_config(**overrides):
+    """The ``bench`` preset as a ``TransformerConfig`` (JAX workers)."""
+    from jaxalign.models import get_config
+
+    return get_config("bench", **overrides)
+
+
+def llama_config(cfg, **extra):
+    """A ``transformers.LlamaConfig`` with ``cfg``'s shapes (untied embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                       intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+                       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                       max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+                       rope_theta=cfg.rope_theta, tie_word_embeddings=False, **extra)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``ru_maxrss``) in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def matmul_peak_gflops(repeats: int = 10, n: int = 2048) -> dict:
@@ -29,7 +70,9 @@ def spawn_worker(script: str, name: str, *args: str) -> dict:
     """Runs ``script --worker name *args`` in a fresh process and parses its last JSON line, so
     each measurement's peak resident memory belongs to it alone."""
     cmd = [sys.executable, script, "--worker", name, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cfg = bench_config()
+    env = {**os.environ, _MODEL_ENV: json.dumps({f: getattr(cfg, f) for f in _MODEL_FIELDS})}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"worker {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")

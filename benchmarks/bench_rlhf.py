@@ -15,27 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import matmul_peak_gflops, spawn_worker  # noqa: E402
+from _common import (  # noqa: E402
+    bench_config, jax_bench_config, llama_config, matmul_peak_gflops, peak_rss_mb, spawn_worker,
+)
 
 BATCH, PROMPT, NEW = 16, 32, 64
 EPOCHS, MINIBATCHES = 2, 2
 THREADS = 2
 
 
-def _config():
-    from jaxalign.models import get_config
-
-    return get_config("bench")
-
-
 def forward_flops(tokens: int, context: int) -> float:
     """2·N per token for the weights plus 4·L·context·d for attention scores."""
-    cfg = _config()
+    cfg = bench_config()
     hd = cfg.resolved_head_dim
     per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
     weights = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
@@ -51,15 +46,11 @@ def iteration_flops() -> dict:
     return {"sample": sample, "score": score, "update": update, "total": sample + score + update}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _prompts():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, _config().vocab_size, (BATCH, PROMPT)).astype(np.int32)
+    ids = rng.integers(3, bench_config().vocab_size, (BATCH, PROMPT)).astype(np.int32)
     return ids, np.ones_like(ids)
 
 
@@ -70,7 +61,7 @@ def worker_jax(iterations: int) -> dict:
     from jaxalign.models import CausalLM, RewardModel, ValueModel, init_params
     from jaxalign.sampling import make_generate
 
-    cfg = _config()
+    cfg = jax_bench_config()
     policy, value, reward = CausalLM(cfg), ValueModel(cfg), RewardModel(cfg)
     config = rlhf.RLHFConfig(max_new_tokens=NEW, temperature=1.0, ppo_epochs=EPOCHS,
                              num_minibatches=MINIBATCHES, kl_coef=0.05)
@@ -105,7 +96,7 @@ def worker_jax(iterations: int) -> dict:
         sample_times.append(time.perf_counter() - start)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {"iteration_s": median(times), "sample_s": median(sample_times),
-            "compile_s": compile_s, "peak_rss_mb": _rss_mb(),
+            "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
             "response_length": float(metrics["response_length"])}
 
 
@@ -114,16 +105,12 @@ def worker_torch(iterations: int) -> dict:
     reference, value and reward forward passes, GAE, and PPO epochs over minibatches."""
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+    from transformers import LlamaForCausalLM, LlamaModel
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    cfg = _config()
-    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                     num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_len,
-                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
-                     pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    cfg = bench_config()
+    hf = llama_config(cfg, pad_token_id=0, eos_token_id=None, bos_token_id=None)
 
     class ScalarModel(torch.nn.Module):
         def __init__(self):
@@ -198,7 +185,7 @@ def worker_torch(iterations: int) -> dict:
     runs = [iteration() for _ in range(iterations)]
     median = lambda key: sorted(r[key] for r in runs)[len(runs) // 2]  # noqa: E731
     return {"iteration_s": median("iteration_s"), "sample_s": median("sample_s"),
-            "compile_s": first["iteration_s"] - median("iteration_s"), "peak_rss_mb": _rss_mb()}
+            "compile_s": first["iteration_s"] - median("iteration_s"), "peak_rss_mb": peak_rss_mb()}
 
 
 def _spawn(name: str, iterations: int) -> dict:

@@ -21,21 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import matmul_peak_gflops, spawn_worker  # noqa: E402
+from _common import (  # noqa: E402
+    bench_config, jax_bench_config, llama_config, matmul_peak_gflops, peak_rss_mb, spawn_worker,
+)
 
 PAIRS, SEQ, PROMPT = 8, 128, 32
 THREADS = 2
 
 
 def _model_shape():
-    from jaxalign.models import get_config
-
-    cfg = get_config("bench")
+    cfg = bench_config()
     d, f, layers = cfg.d_model, cfg.d_ff, cfg.n_layers
     hd = cfg.resolved_head_dim
     per_layer = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + 3 * d * f
@@ -83,17 +82,13 @@ def _batches(seed=0):
     return pref, sft
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def worker_jax(kind: str, steps: int) -> dict:
     import jax
 
     from jaxalign import train
     from jaxalign.models import CausalLM, RewardModel, init_params
 
-    cfg, _ = _model_shape()
+    cfg = jax_bench_config()
     pref, sft = _batches()
     opt = train.make_optimizer(1e-5, total_steps=1000)
     key = jax.random.key(0)
@@ -128,22 +123,18 @@ def worker_jax(kind: str, steps: int) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return {"step_s": min(times), "compile_s": compile_s,
-            "peak_rss_mb": _peak_rss_mb(), "loss": float(metrics["loss"])}
+            "peak_rss_mb": peak_rss_mb(), "loss": float(metrics["loss"])}
 
 
 def worker_torch_dpo(steps: int) -> dict:
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     cfg, _ = _model_shape()
-    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-                         intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
-                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                         max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-                         rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+    hf_cfg = llama_config(cfg)
     policy = LlamaForCausalLM(hf_cfg)
     ref = LlamaForCausalLM(hf_cfg)
     ref.load_state_dict(policy.state_dict())
@@ -181,7 +172,7 @@ def worker_torch_dpo(steps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"step_s": min(times), "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+    return {"step_s": min(times), "compile_s": compile_s, "peak_rss_mb": peak_rss_mb()}
 
 
 def _spawn(name: str, steps: int) -> dict:

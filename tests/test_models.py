@@ -90,6 +90,8 @@ def test_presets_and_replace():
         get_config("huge")
     with pytest.raises(ValueError, match="n_kv_heads"):
         TransformerConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="remat_policy must be 'nothing' or 'dots', got 'some'"):
+        TransformerConfig(remat=True, remat_policy="some")
 
 
 def test_params_carry_logical_axis_names(params):
@@ -183,7 +185,8 @@ def test_remat_gives_same_logits_and_grads(params, tokens):
 
     value, grads = value_and_grad(TINY)
     assert float(jnp.abs(grads["trunk"]["layers_1"]["mlp"]["up_proj"]["kernel"]).sum()) > 0
-    for config in (dataclasses.replace(TINY, remat=True), dataclasses.replace(SCANNED, remat=True)):
+    for config in (dataclasses.replace(TINY, remat=True), dataclasses.replace(SCANNED, remat=True),
+                   dataclasses.replace(TINY, remat=True, remat_policy="dots")):
         value_r, grads_r = value_and_grad(config)
         np.testing.assert_allclose(value_r, value, rtol=1e-6)
         grads_r = unstack_layer_params(grads_r, TINY.n_layers)

@@ -37,6 +37,10 @@ class TransformerConfig:
         activations in bfloat16: XLA computes bfloat16 elementwise ops in float32 anyway, so
         bfloat16 activations only add conversions.)
       remat: recompute each block's activations in the backward pass (``nn.remat``).
+      remat_policy: what a rematerialised block keeps from its forward pass: ``"nothing"``
+        (recompute everything: least memory, one more forward pass of compute) or ``"dots"``
+        (keep the matmul outputs, recompute only the elementwise ops in between: norms,
+        SwiGLU, softmax, rotary embeddings).
       scan_layers: run the blocks with ``nn.scan`` (one traced block, parameters stacked on a
         leading ``"layers"`` axis) instead of unrolling them (``layers_0``, ``layers_1``, ...).
         Off by default: on the 4-layer ``bench`` model, unrolled blocks compiled a
@@ -61,6 +65,7 @@ class TransformerConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "nothing"
     scan_layers: bool = False
     initializer_range: float = 0.02
 
@@ -72,6 +77,8 @@ class TransformerConfig:
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "set head_dim explicitly"
             )
+        if self.remat_policy not in ("nothing", "dots"):
+            raise ValueError(f"remat_policy must be 'nothing' or 'dots', got {self.remat_policy!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"

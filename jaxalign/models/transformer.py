@@ -100,6 +100,12 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+REMAT_POLICIES = {  # TransformerConfig.remat_policy -> jax.checkpoint policy
+    "nothing": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
                   config: TransformerConfig, init: Any = None) -> jax.Array:
     """``module.param(name)`` of ``shape`` in ``config.param_dtype``, its axes named by the
@@ -289,7 +295,8 @@ class Transformer(nn.Module):
                                        ("vocab", "embed"), cfg)
         block = Block
         if cfg.remat:
-            block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+            block = nn.remat(block, prevent_cse=not cfg.scan_layers,
+                             policy=REMAT_POLICIES[cfg.remat_policy])
         if cfg.scan_layers:
             block = nn.scan(
                 block,
