@@ -52,7 +52,26 @@ method and its swept hyperparameter, like Figure 2 of Rafailov et al. 2023, arXi
                     "response_length": [float],
                     "improvement": {...}},    # curve_improvement(...) of the per-sample rewards
       "frontier": [{"method": str, "param": str, "value": float, "run": str,
-                    "gold_reward": float, "kl_to_sft": float, "win_rate_vs_sft": float}],
+                    "gold_reward": float, "kl_to_sft": float, "win_rate_vs_sft": float,
+                    "label": str, "kl_closed_form": bool}],  # last two: best-of-n points only
+      "best_of_n": [{"n": int,                # samples per prompt; the reward model picks one
+                     "gold_reward": float, "gold_reward_se": float,
+                     "win_rate_vs_sft": float, "win_rate_ci": [lo, hi],
+                     "prompts": int,
+                     "kl_closed_form": float,  # log n − (n−1)/n, an upper bound on the KL
+                     "reward_model_score": float,   # mean learned reward of the picks
+                     "finished_share": float,       # picks that end with EOS
+                     "examples": [str, ...]}],
+      "rlaif": {"judge": str,                 # the reward model, P(a ≻ b) = σ(r_a − r_b)
+                "label_agreement": float,     # judge prefers the gold-better response, held out
+                "label_agreement_pairs": str, # which pairs that is measured on
+                "label_agreement_train": float,   # the same on the pairs the judge trained on
+                "n_pairs": int, "n_pairs_heldout": int,
+                "labels": {"judge": str, SPLIT: {"pairs": int, "agreement_with_gold": float,
+                                                 "agreement_with_annotator": float,
+                                                 "annotator_agreement_with_gold": float,
+                                                 "mean_p_chosen": float}},  # train, heldout
+                "dpo": {...}},                # DPO on the AI labels: a "methods" entry
       "stages": {"ran": [STAGE], "skipped": [STAGE]},   # skipped = reused from the cache
       "targets": [{"name": str, "value": float, "threshold": str, "passed": bool}],
       "passed": bool,                         # every target met
@@ -79,8 +98,8 @@ from jaxalign.sampling import make_generate
 
 __all__ = [
     "Completions", "bootstrap_ci", "curve_improvement", "evaluate_policy", "mean_and_se",
-    "plot_frontier", "plot_reward_curve", "sample_completions", "sequence_kl", "win_outcomes",
-    "win_rate", "win_rate_with_ci",
+    "plot_frontier", "plot_reward_curve", "sample_completions", "sequence_kl", "summarize_rewards",
+    "win_outcomes", "win_rate", "win_rate_with_ci",
 ]
 
 
@@ -161,6 +180,23 @@ def win_rate_with_ci(
     outcomes = win_outcomes(rewards, baseline_rewards)
     interval = bootstrap_ci(outcomes, confidence=confidence, n_resamples=n_resamples, seed=seed)
     return float(np.mean(outcomes)), interval
+
+
+def summarize_rewards(
+    rewards: Sequence[float] | np.ndarray, baseline_rewards: Sequence[float] | np.ndarray, *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Gold reward (mean ± SE) and win rate vs the baseline (bootstrap 95% CI) of ``[N]`` rewards.
+
+    The reward half of :func:`evaluate_policy`'s entry, for completions obtained some other way
+    (best-of-N picks): ``{"gold_reward", "gold_reward_se", "win_rate_vs_sft", "win_rate_ci",
+    "n"}``.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    gold, gold_se = mean_and_se(rewards)
+    rate, (low, high) = win_rate_with_ci(rewards, np.asarray(baseline_rewards), seed=seed)
+    return {"gold_reward": gold, "gold_reward_se": gold_se, "win_rate_vs_sft": rate,
+            "win_rate_ci": [low, high], "n": int(rewards.size)}
 
 
 def curve_improvement(
@@ -296,24 +332,21 @@ def evaluate_policy(
     prompts = decode_fn(completions.prompt_ids[:n_examples], completions.prompt_mask[:n_examples])
     rewards = np.asarray(score_fn(texts), dtype=np.float64)
     kl = sequence_kl(model, params, ref_params, completions, batch_size=batch_size)
-    gold, gold_se = mean_and_se(rewards)
     kl_mean, kl_se = mean_and_se(kl)
-    rate, (low, high) = win_rate_with_ci(rewards, baseline_rewards, seed=seed)
-    return {"gold_reward": gold, "gold_reward_se": gold_se, "kl_to_sft": kl_mean,
-            "kl_to_sft_se": kl_se, "win_rate_vs_sft": rate, "win_rate_ci": [low, high],
-            "n": int(len(rewards)),
+    return {**summarize_rewards(rewards, baseline_rewards, seed=seed),
+            "kl_to_sft": kl_mean, "kl_to_sft_se": kl_se,
             "examples": [p + t for p, t in zip(prompts, texts[:n_examples])],
             "rewards": rewards.tolist()}
 
 
 # ----------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
+def _figure(height: float):
+    """A figure that is not registered with pyplot: writing a PNG never switches the caller's
+    backend (a notebook's inline plots keep working) and leaves no open figure behind."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(6.4, height))
+    return fig, fig.subplots()
 
 
 def plot_reward_curve(
@@ -323,8 +356,7 @@ def plot_reward_curve(
 
     ``curves``: ``{label: {"gold_reward": [T], "gold_reward_se": [T]}}``; writes a PNG to ``path``.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = _figure(4.0)
     for label, curve in curves.items():
         mean = np.asarray(curve["gold_reward"], dtype=np.float64)
         se = np.asarray(curve.get("gold_reward_se", np.zeros_like(mean)), dtype=np.float64)
@@ -338,27 +370,32 @@ def plot_reward_curve(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_frontier(points: Sequence[dict[str, Any]], path: str, *,
                   title: str = "Reward–KL frontier") -> None:
     """Gold reward against KL(π‖π_SFT), one marker style per method, each point annotated with
-    its swept value; writes a PNG to ``path``.
+    its swept value (or its own ``"label"``); writes a PNG to ``path``.
 
-    ``points``: ``[{"method", "param", "value", "gold_reward", "kl_to_sft"}]``.
+    ``points``: ``[{"method", "param", "value", "gold_reward", "kl_to_sft"}]``, optionally
+    ``"label"`` (the annotation text, e.g. ``"BoN n=4"``) and ``"kl_closed_form": True`` (the
+    KL is analytic, not estimated: the method's line is dashed).
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _figure(4.4)
     methods = list(dict.fromkeys(p["method"] for p in points))
-    for marker, method in zip("osD^v<>", methods):
+    markers = "osD^v<>P*Xhd"
+    if len(methods) > len(markers):
+        raise ValueError(f"at most {len(markers)} methods per plot, got {len(methods)}")
+    for marker, method in zip(markers, methods):
         group = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl_to_sft"])
         kls = [p["kl_to_sft"] for p in group]
         golds = [p["gold_reward"] for p in group]
-        ax.plot(kls, golds, marker=marker, label=method, linestyle="-" if len(group) > 1 else "")
+        line = "--" if all(p.get("kl_closed_form") for p in group) else "-"
+        ax.plot(kls, golds, marker=marker, label=method, linestyle=line if len(group) > 1 else "")
         for p in group:
-            if p.get("param"):
-                ax.annotate(f"{p['param']}={p['value']:g}", (p["kl_to_sft"], p["gold_reward"]),
+            label = p.get("label") or (f"{p['param']}={p['value']:g}" if p.get("param") else "")
+            if label:
+                ax.annotate(label, (p["kl_to_sft"], p["gold_reward"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("KL(π ‖ π_SFT)  [nats per completion]")
     ax.set_ylabel("mean gold reward")
@@ -367,4 +404,3 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str, *,
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -97,7 +97,8 @@ def _reward_fn(model):
     return jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask))
 
 
-def _batched(fn, params, tokenizer, texts, *, max_length, batch_size, padding_side):
+def _batched(fn, params, tokenizer, texts, *, max_length, batch_size, padding_side,
+             **encode_kwargs):
     """Runs ``fn(params, ids, mask)`` over ``texts`` in fixed-shape chunks (one compilation)."""
     outputs = []
     for start in range(0, len(texts), batch_size):
@@ -105,7 +106,7 @@ def _batched(fn, params, tokenizer, texts, *, max_length, batch_size, padding_si
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)    # pad the last chunk to the static shape
         ids, mask = tokenizer.encode_batch(chunk, max_length=max_length, padding_side=padding_side,
-                                           truncation_side="left")
+                                           truncation_side="left", **encode_kwargs)
         outputs.append(np.asarray(fn(params, ids, mask))[:real])
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
@@ -121,6 +122,8 @@ def label_pairs(
     *,
     max_length: int = 256,
     batch_size: int = 16,
+    add_bos: bool = True,
+    add_eos: bool = True,
 ) -> np.ndarray:
     """``P(a ≻ b)`` for every pair, from a judge LM (or reward model), position-debiased.
 
@@ -134,6 +137,10 @@ def label_pairs(
       max_length: judge inputs are left-truncated to this many tokens (the question and
         answer cue at the end are kept).
       batch_size: judge forward-pass batch (fixed, so the judge compiles once).
+      add_bos, add_eos: a reward-model judge scores ``BOS + prompt + response + EOS``, the
+        sequences :func:`jaxalign.data.load_jsonl` builds for reward training by default
+        (``DataConfig.add_bos``/``add_eos``), so it reads its score at the token it was trained
+        to score at; set them as the judge was trained. Unused by a causal-LM judge.
 
     Returns:
       ``[N]`` float64 probabilities that response a is better than response b.
@@ -147,7 +154,8 @@ def label_pairs(
     if isinstance(judge_model, RewardModel):
         texts = [p + r for p, r in zip(prompts, responses_a)] + [p + r for p, r in zip(prompts, responses_b)]
         rewards = _batched(_reward_fn(judge_model), judge_params, tokenizer, texts,
-                           max_length=max_length, batch_size=batch_size, padding_side="right")
+                           max_length=max_length, batch_size=batch_size, padding_side="right",
+                           add_bos=add_bos, add_eos=add_eos)
         return 1.0 / (1.0 + np.exp(-(rewards[:n] - rewards[n:]).astype(np.float64)))
     if not constitution:
         raise ValueError("constitution must list at least one principle")

@@ -1,5 +1,5 @@
-"""``python -m jaxalign.demo --quick``: every stage runs, the report is complete, and a second
-run reuses every cached stage."""
+"""``python -m jaxalign.demo --quick``: every stage runs (best-of-N and RLAIF included), the
+report is complete, and a second run reuses every cached stage."""
 
 import json
 import math
@@ -54,7 +54,38 @@ def _check_report(demo_runs):
     assert _finite(curve["improvement"]["improvement"])
     names = {t["name"] for t in report["targets"]}
     assert "reward_model.heldout_accuracy" in names and "orpo.win_rate_ci_low" in names
+    assert "rlaif_dpo.win_rate_vs_sft" in names and "rlaif_dpo.win_rate_ci_low" in names
     assert {p["method"] for p in report["frontier"]} >= {"sft", "dpo", "ipo", "orpo"}
+    _check_ai_feedback(report)
+
+
+def _check_ai_feedback(report):
+    """Best-of-N reference points and the RLAIF variant (issue 7's evaluation hooks)."""
+    points = report["best_of_n"]
+    assert [p["n"] for p in points] == [1, 4, 16]
+    for point in points:
+        n = point["n"]
+        assert _finite(point["gold_reward"])
+        assert point["prompts"] == report["config"]["eval_prompts"]
+        low, high = point["win_rate_ci"]
+        assert 0.0 <= low <= point["win_rate_vs_sft"] <= high <= 1.0
+        assert point["kl_closed_form"] == pytest.approx(math.log(n) - (n - 1) / n)
+    # the reward model picks the best of the first n of the same samples: its score never drops
+    scores = [p["reward_model_score"] for p in points]
+    assert scores == sorted(scores), scores
+    bon_frontier = [p for p in report["frontier"] if p.get("kl_closed_form")]
+    assert [(p["label"], p["kl_to_sft"]) for p in bon_frontier] == [
+        (f"BoN n={p['n']}", p["kl_closed_form"]) for p in points]
+    rlaif = report["rlaif"]
+    assert 0.0 <= rlaif["label_agreement"] <= 1.0 and 0.0 <= rlaif["label_agreement_train"] <= 1.0
+    # held-out agreement is the reward model's held-out accuracy: same judge, same pairs
+    assert rlaif["label_agreement"] == pytest.approx(report["reward_model"]["heldout_accuracy"])
+    assert rlaif["n_pairs"] == report["preferences"]["pairs_train"]
+    assert rlaif["n_pairs_heldout"] == report["preferences"]["pairs_heldout"]
+    assert set(METHOD_KEYS) <= set(rlaif["dpo"])
+    assert _finite(rlaif["dpo"]["kl_to_sft"])
+    assert rlaif["dpo"]["n"] == report["config"]["eval_prompts"]
+    assert rlaif["dpo"]["hyperparameters"]["beta"] == report["config"]["dpo_beta"]
 
 
 def _check_outputs(demo_runs):
@@ -68,9 +99,15 @@ def _check_outputs(demo_runs):
     record = json.loads(lines[0])
     assert {"prompt", "chosen", "rejected"} <= set(record)
     assert record["chosen"] != record["rejected"]
+    ai_lines = (out / "rlaif_labels" / "train.jsonl").read_text().splitlines()
+    assert len(ai_lines) == len(lines)  # the same pairs, relabelled
+    ai_records = [json.loads(line) for line in ai_lines]
+    assert all(0.5 <= r["p_chosen"] <= 1.0 for r in ai_records)
+    assert {r["prompt"] for r in ai_records} == {json.loads(line)["prompt"] for line in lines}
+    assert "| rlaif_dpo |" in markdown and "## Best-of-N" in markdown and "| 16 |" in markdown
     stdout = demo_runs["first"].stdout
     assert "win vs SFT" in stdout and "Total wall time" in stdout
-    for method in METHODS:
+    for method in (*METHODS, "rlaif_dpo", "BoN n=16"):
         assert f"\n{method} " in stdout
 
 
@@ -80,6 +117,7 @@ def _check_second_run_reused_the_cache(demo_runs):
     assert second["stages"]["ran"] == []
     assert second["stages"]["skipped"] == first["stages"]["ran"]
     assert second["methods"] == first["methods"]  # identical numbers
+    assert second["best_of_n"] == first["best_of_n"] and second["rlaif"] == first["rlaif"]
     assert "[cached] ppo" in demo_runs["second"].stdout
     assert demo_runs["second_s"] < demo_runs["first_s"] / 3, (demo_runs["first_s"],
                                                                demo_runs["second_s"])

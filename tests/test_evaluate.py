@@ -64,6 +64,15 @@ def test_win_rate_with_ci():
     assert low <= rate <= high <= 1.0
 
 
+def test_summarize_rewards_matches_its_parts():
+    rewards, baseline = np.array([3.0, 1.0, 2.0, 0.0]), np.array([1.0, 1.0, 3.0, 0.0])
+    summary = evaluate.summarize_rewards(rewards, baseline, seed=5)
+    assert summary["gold_reward"] == 1.5 and summary["n"] == 4
+    assert summary["gold_reward_se"] == pytest.approx(np.std(rewards, ddof=1) / 2)
+    assert summary["win_rate_vs_sft"] == (1 + 0.5 + 0 + 0.5) / 4  # win, tie, loss, tie
+    assert summary["win_rate_ci"] == list(evaluate.win_rate_with_ci(rewards, baseline, seed=5)[1])
+
+
 def test_curve_improvement_pools_first_and_last_tenth():
     rng = np.random.default_rng(4)
     curve = [rng.normal(loc=i / 10, scale=0.1, size=64) for i in range(30)]
@@ -133,13 +142,27 @@ def test_mean_and_se():
 
 
 def test_plots_write_png_files(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend
     curve = {"gold_reward": [0.0, 1.0, 2.0], "gold_reward_se": [0.1, 0.1, 0.1]}
     evaluate.plot_reward_curve({"ppo": curve}, str(tmp_path / "curve.png"))
     points = [{"method": "dpo", "param": "β", "value": b, "gold_reward": g, "kl_to_sft": k}
               for b, g, k in ((0.1, 2.0, 3.0), (0.3, 1.0, 1.0))]
+    points += [{"method": "best-of-n", "param": "n", "value": n, "label": f"BoN n={n}",
+                "kl_closed_form": True, "gold_reward": g, "kl_to_sft": k}
+               for n, g, k in ((1, 0.0, 0.0), (4, 1.5, np.log(4) - 0.75))]
     evaluate.plot_frontier(points, str(tmp_path / "frontier.png"))
+    with pytest.raises(ValueError, match="at most"):
+        evaluate.plot_frontier([{**points[0], "method": str(i)} for i in range(20)],
+                               str(tmp_path / "too_many.png"))
     for name in ("curve.png", "frontier.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a notebook's inline backend survives, and no figure is left open in pyplot
+    assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    matplotlib.use(backend)
 
 
 # ----------------------------------------------------------------------------- gold reward

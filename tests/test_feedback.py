@@ -1,5 +1,7 @@
 """AI feedback (position-debiased judging, soft labels), best-of-N and rejection sampling."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from jaxalign import best_of_n as bon
 from jaxalign import feedback, train
+from jaxalign.data import load_jsonl
 from jaxalign.losses import dpo_loss
 from jaxalign.models import CausalLM, RewardModel, get_config, init_params
 from jaxalign.tokenizer import Tokenizer
@@ -66,13 +69,20 @@ def test_position_bias_cancels(tokenizer, kind):
         assert raw[0, 0] > 0.95 and abs(p[0] - 0.5) < 0.25, (raw, p)
 
 
-def test_reward_model_judge_is_sigmoid_of_the_reward_difference(tokenizer):
+def test_reward_model_judge_is_sigmoid_of_the_reward_difference(tokenizer, tmp_path):
+    """σ(r_a − r_b), with r read on the very sequences reward training sees (BOS … EOS)."""
     cfg = get_config("tiny", vocab_size=tokenizer.vocab_size, max_len=128)
     model = RewardModel(cfg)
     params = init_params(model, jax.random.key(2))
-    p = feedback.label_pairs(model, params, tokenizer, ["Q: "] * 2, ["good", "bad"], ["bad", "bad"])
-    ids, mask = tokenizer.encode_batch(["Q: good", "Q: bad"], max_length=128)
-    r = np.asarray(model.apply({"params": params}, ids, mask), np.float64)
+    p = feedback.label_pairs(model, params, tokenizer, ["Q:"] * 2, [" good", " bad"],
+                             [" bad", " bad"])
+    path = tmp_path / "pair.jsonl"
+    path.write_text(json.dumps({"prompt": "Q:", "chosen": " good", "rejected": " bad"}) + "\n")
+    batch = load_jsonl(path, tokenizer, kind="preference").collate(np.arange(1))
+    assert batch["chosen_ids"][0, 0] == tokenizer.bos_id
+    r = [float(model.apply({"params": params}, batch[f"{side}_ids"],
+                           batch[f"{side}_attention_mask"])[0]) for side in ("chosen", "rejected")]
+    assert abs(r[0] - r[1]) > 1e-4  # a real difference to compare against
     np.testing.assert_allclose(p, [1 / (1 + np.exp(-(r[0] - r[1]))), 0.5], rtol=1e-5)
 
 

@@ -15,11 +15,16 @@ under ``OUT/<stage>/`` (a re-run skips what is finished; see :mod:`jaxalign.demo
    gold reward recorded every iteration (plus a fixed-β sweep, ``ppo_fixed_*``);
 7. ``dpo_beta*`` (β swept), ``ipo``, ``orpo`` on the same pairs;
 8. ``eval/*``: gold reward, KL to SFT and win rate vs SFT (bootstrap CI) of every policy
-   (:mod:`jaxalign.evaluate`).
+   (:mod:`jaxalign.evaluate`);
+9. ``best_of_n``: best-of-n of the SFT model under the reward model, n ∈ {1, 4, 16}, as
+   reference points on the reward–KL frontier (KL from the closed form ``log n − (n−1)/n``);
+   ``rlaif_labels`` and ``rlaif_dpo``: the same pairs labelled by an AI judge (the reward model,
+   through :mod:`jaxalign.feedback`), DPO on those soft labels, and the judge's agreement with
+   gold (:mod:`jaxalign.demo.ai_feedback`).
 
 Outputs in ``OUT``: ``report.json`` (schema in :mod:`jaxalign.evaluate`), ``report.md``,
 ``reward_curve.png`` and ``frontier.png``. The run checks the targets (reward-model accuracy,
-win rates and their intervals, PPO's improvement), prints them with a results table and the
+win rates and their intervals — RLAIF-DPO's included — PPO's improvement), prints them with a results table and the
 total wall time, and exits with status 1 if one fails (not enforced with ``--quick``).
 """
 

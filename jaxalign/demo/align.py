@@ -25,8 +25,8 @@ from jaxalign.models import RewardModel, ValueModel
 from jaxalign.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
 from jaxalign.train import create_train_state, make_optimizer, make_preference_step
 
-__all__ = ["planned_runs", "run_alignment", "run_name", "stage_baseline", "stage_evaluate",
-           "stage_ppo", "stage_preference"]
+__all__ = ["planned_runs", "run_alignment", "run_evaluation", "run_name", "run_preference",
+           "stage_baseline", "stage_evaluate", "stage_ppo", "stage_preference"]
 
 # Compiled programs shared between stages of one process, keyed by what is baked into them.
 _COMPILED: dict[Any, Any] = {}
@@ -130,10 +130,12 @@ def _preference_step(model: Any, loss: str, *, learning_rate: float, steps: int)
     return _COMPILED[key]
 
 
-def stage_preference(ctx: Context, out: Path, *, loss: str, coef: float) -> dict[str, Any]:
-    """DPO / IPO (reference = SFT, in the state) or ORPO (no reference) from the SFT model."""
+def stage_preference(ctx: Context, out: Path, *, loss: str, coef: float,
+                     data: str = "preferences") -> dict[str, Any]:
+    """DPO / IPO (reference = SFT, in the state) or ORPO (no reference) from the SFT model, on
+    the train pairs of stage ``data`` (soft ``p_chosen`` labels make DPO conservative DPO)."""
     cfg = ctx.config
-    dataset = preference_dataset(ctx, "train")
+    dataset = preference_dataset(ctx, "train", stage=data)
     loader = DataLoader(dataset, cfg.pref_batch, seed=cfg.seed + 40)
     steps = max(1, cfg.pref_epochs * loader.steps_per_epoch)
     learning_rate = cfg.orpo_lr if loss == "orpo" else cfg.pref_lr
@@ -197,6 +199,22 @@ def planned_runs(ctx: Context) -> list[tuple[str, str, float, bool]]:
     return runs
 
 
+def run_preference(ctx: Context, run: str, loss: str, coef: float, *,
+                   data: str = "preferences") -> dict[str, Any]:
+    """The cached preference-optimisation stage ``run`` on the pairs of stage ``data``."""
+    settings = {k: getattr(ctx.config, k) for k in ("seed", "pref_epochs", "pref_batch",
+                                                    "pref_lr", "orpo_lr")}
+    return ctx.cache.run(run, {**settings, "loss": loss, "coef": coef}, (data,),
+                         lambda d: stage_preference(ctx, d, loss=loss, coef=coef, data=data))
+
+
+def run_evaluation(ctx: Context, run: str, baseline: dict[str, Any]) -> dict[str, Any]:
+    """The cached ``eval/RUN`` stage (``run`` is ``"sft"`` or a finished training stage)."""
+    settings = {"seed": ctx.config.seed, "gen_batch": ctx.config.gen_batch}
+    return ctx.cache.run(f"eval/{run}", settings, (run, "eval/baseline"),
+                         lambda d: stage_evaluate(ctx, d, run=run, baseline=baseline["rewards"]))
+
+
 def run_alignment(ctx: Context) -> dict[str, Any]:
     """Trains and evaluates every run; returns ``{"runs", "evals", "baseline"}``."""
     cfg, cache = ctx.config, ctx.cache
@@ -204,15 +222,9 @@ def run_alignment(ctx: Context) -> dict[str, Any]:
         "seed", "ppo_iterations", "ppo_batch", "ppo_lr", "ppo_value_lr", "ppo_kl_target",
         "ppo_kl_horizon", "ppo_epochs", "ppo_minibatches", "ppo_missing_eos_penalty",
         "gen_batch")}
-    pref_settings = {k: getattr(cfg, k) for k in ("seed", "pref_epochs", "pref_batch", "pref_lr",
-                                                  "orpo_lr")}
     baseline = cache.run("eval/baseline", {"seed": cfg.seed, "gen_batch": cfg.gen_batch},
                          ("sft", "prompts"), lambda d: stage_baseline(ctx, d))
-    runs, evals = {}, {}
-    eval_settings = {"seed": cfg.seed, "gen_batch": cfg.gen_batch}
-    evals["sft"] = cache.run("eval/sft", eval_settings, ("sft", "eval/baseline"),
-                             lambda d: stage_evaluate(ctx, d, run="sft",
-                                                      baseline=baseline["rewards"]))
+    runs, evals = {}, {"sft": run_evaluation(ctx, "sft", baseline)}
     for run, method, coef, _ in planned_runs(ctx):
         if method in ("ppo", "ppo_fixed"):
             adaptive = method == "ppo"
@@ -221,12 +233,7 @@ def run_alignment(ctx: Context) -> dict[str, Any]:
                                   lambda d, c=coef, a=adaptive: stage_ppo(ctx, d, kl_coef=c,
                                                                           adaptive=a))
         else:
-            runs[run] = cache.run(run, {**pref_settings, "loss": method, "coef": coef},
-                                  ("preferences",),
-                                  lambda d, m=method, c=coef: stage_preference(ctx, d, loss=m,
-                                                                               coef=c))
-        evals[run] = cache.run(f"eval/{run}", eval_settings, (run, "eval/baseline"),
-                               lambda d, r=run: stage_evaluate(ctx, d, run=r,
-                                                               baseline=baseline["rewards"]))
+            runs[run] = run_preference(ctx, run, method, coef)
+        evals[run] = run_evaluation(ctx, run, baseline)
     return {"runs": runs, "evals": evals, "baseline": baseline}
 

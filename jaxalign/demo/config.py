@@ -58,6 +58,7 @@ class DemoConfig:
     orpo_lr: float = 3e-3  # no reference model: the learning rate is ORPO's only leash
     # evaluation
     eval_prompts: int = 512
+    bon_n: tuple[int, ...] = (1, 4, 16)  # best-of-N reference points (reward model picks)
     quick: bool = False
 
     @property

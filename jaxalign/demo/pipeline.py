@@ -206,8 +206,9 @@ def stage_preferences(ctx: Context, out: Path) -> dict[str, Any]:
             "sft_sample_gold_mean": float(np.mean(np.concatenate([gold_a, gold_b])))}
 
 
-def preference_dataset(ctx: Context, split: str):
-    return load_jsonl(ctx.out / "preferences" / f"{split}.jsonl", ctx.tokenizer,
+def preference_dataset(ctx: Context, split: str, *, stage: str = "preferences"):
+    """``OUT/STAGE/SPLIT.jsonl`` (gold-labelled pairs, or ``rlaif_labels``) as a dataset."""
+    return load_jsonl(ctx.out / stage / f"{split}.jsonl", ctx.tokenizer,
                       kind="preference", config=ctx.data_config())
 
 
@@ -251,7 +252,7 @@ def stage_reward_model(ctx: Context, out: Path) -> dict[str, Any]:
 def run_demo(config: DemoConfig, out: str | Path, *, log: Callable[[str], None] = print,
              start_time: float | None = None) -> dict[str, Any]:
     """Runs (or resumes) every stage under ``out`` and writes the report; returns it."""
-    from jaxalign.demo import align, report
+    from jaxalign.demo import ai_feedback, align, report
 
     start_time = time.perf_counter() if start_time is None else start_time
     cache = StageCache(out, log=log)
@@ -277,4 +278,5 @@ def run_demo(config: DemoConfig, out: str | Path, *, log: Callable[[str], None] 
         "seed", "rm_epochs", "rm_batch", "rm_lr")}, ("preferences",),
         lambda d: stage_reward_model(ctx, d))
     results.update(align.run_alignment(ctx))
+    results.update(ai_feedback.run_ai_feedback(ctx, results["baseline"]))
     return report.write_report(ctx, results, start_time=start_time)
