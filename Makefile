@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_steps.py
+	$(PY) benchmarks/bench_rlhf.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
