@@ -5,7 +5,9 @@
 
 1. samples completions with the compiled KV-cache sampler,
 2. scores them: policy and reference log-probs, values, and the reward model's score of each
-   full sequence (or a pure ``reward_fn(completion_ids, completion_mask) -> [B]``),
+   full sequence (or a pure ``reward_fn(completion_ids, completion_mask) -> [B]``, or a
+   ``scorer(prompt_ids, prompt_mask, completion_ids, completion_mask) -> [B]`` for rewards
+   that need the prompt, such as checking an answer),
 3. builds per-token rewards ``−β·KL_t`` with the score added at the last completion token
    (optional missing-EOS penalty and reward whitening),
 4. estimates advantages — GAE with whitening, or the critic-free ``grpo`` / ``rloo`` — and
@@ -220,6 +222,7 @@ def make_rlhf_step(
     policy_optimizer: optax.GradientTransformation,
     value_optimizer: optax.GradientTransformation | None = None,
     reward_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    scorer: Callable[..., jax.Array] | None = None,
     mesh: Mesh | None = None,
 ) -> CompiledRLHFStep:
     """Builds the one-jit RLHF iteration (see the module docstring).
@@ -232,6 +235,10 @@ def make_rlhf_step(
       policy_optimizer / value_optimizer: optax transformations (e.g. ``make_optimizer``).
       reward_fn: optional pure ``(completion_ids [B, N], completion_mask [B, N]) -> [B]``
         scoring function used instead of the reward model (rule-based, verifiable rewards).
+      scorer: optional pure ``(prompt_ids [B, P], prompt_mask [B, P], completion_ids [B, N],
+        completion_mask [B, N]) -> [B]`` used instead of the reward model when the reward
+        depends on the prompt (the protocol of :func:`jaxalign.best_of_n.best_of_n`'s scorers;
+        prompts are left-padded, each repeated ``samples_per_prompt`` times).
       mesh: optional device mesh; the state is then laid out by
         :func:`rlhf_state_shardings` and prompts split over ``("data", "fsdp")``.
 
@@ -239,8 +246,8 @@ def make_rlhf_step(
       A :class:`CompiledRLHFStep`. Prompts are ``{"prompt_ids", "prompt_mask"}`` ``[B, P]``,
       left-padded; with ``samples_per_prompt = k`` each prompt is sampled k times.
     """
-    if (reward is None) == (reward_fn is None):
-        raise ValueError("pass exactly one of reward (a RewardModel) and reward_fn")
+    if (reward is not None) + (reward_fn is not None) + (scorer is not None) != 1:
+        raise ValueError("pass exactly one of reward (a RewardModel), reward_fn and scorer")
     if config.uses_critic and not config.shared_value_head and value is None:
         raise ValueError("advantage='gae' without shared_value_head needs a value model")
     if config.shared_value_head and not config.uses_critic:
@@ -307,6 +314,8 @@ def make_rlhf_step(
             old_values = jnp.zeros_like(old_logps)
         if reward_fn is not None:
             scores = jnp.asarray(reward_fn(completion, mask), jnp.float32)
+        elif scorer is not None:
+            scores = jnp.asarray(scorer(prompt_ids, prompt_mask, completion, mask), jnp.float32)
         else:
             scores = reward.apply({"params": state.reward_params}, ids, attn).astype(jnp.float32)
         raw_scores = scores

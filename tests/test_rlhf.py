@@ -109,6 +109,31 @@ def test_shared_value_head_and_reward_model_paths_run():
                                   state.reward_params["score_head"]["kernel"])
 
 
+def test_scorer_sees_the_prompt_and_matches_reward_fn():
+    """A prompt-aware scorer gets the (repeated, left-padded) prompts; wrapping reward_fn as a
+    scorer gives the same iteration bit for bit."""
+    from jaxalign.best_of_n import completion_scorer
+
+    config = rlhf.RLHFConfig(max_new_tokens=8, advantage="rloo", samples_per_prompt=2)
+    prompts = _prompts()
+
+    def run(**reward):
+        state, models, opt = _setup(config)  # a fresh state each time: the step donates it
+        step = rlhf.make_rlhf_step(models["policy"], None, None, config, policy_optimizer=opt,
+                                   **reward)
+        return jax.device_get(step(state, prompts, jax.random.key(0))[1])
+
+    prompt_sum = lambda p_ids, p_mask, c_ids, c_mask: jnp.sum(p_ids * p_mask, axis=1) * 1.0  # noqa: E731
+    metrics = run(scorer=prompt_sum)
+    expected = (prompts["prompt_ids"] * prompts["prompt_mask"]).sum(1)  # [3+4, 5+6+2] alternating
+    np.testing.assert_allclose(metrics["score/mean"], expected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["score/std"], expected.std(), rtol=1e-5)
+    via_fn, via_scorer = run(reward_fn=count_target), run(scorer=completion_scorer(count_target))
+    assert via_fn.keys() == via_scorer.keys()
+    for name in via_fn:
+        np.testing.assert_array_equal(via_fn[name], via_scorer[name], err_msg=name)
+
+
 def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         rlhf.RLHFConfig(advantage="grpo")
