@@ -194,11 +194,13 @@ def group_advantages(scores: jax.Array, group_size: int, estimator: str) -> jax.
 
 
 class CompiledRLHFStep:
-    """``step(state, prompts, key) -> (state, metrics)``, jitted on first call with the state's
-    shardings (when a mesh is given) and the state donated. ``.jitted`` is the jitted function."""
+    """``step(state, prompts, key) -> (state, metrics)`` (``(state, metrics, rollouts)`` with
+    ``return_rollouts``), jitted on first call with the state's shardings (when a mesh is
+    given) and the state donated. ``.jitted`` is the jitted function."""
 
-    def __init__(self, fn, state_shardings_fn, mesh: Mesh | None):
+    def __init__(self, fn, state_shardings_fn, mesh: Mesh | None, return_rollouts: bool = False):
         self._fn, self._state_shardings_fn, self._mesh = fn, state_shardings_fn, mesh
+        self._return_rollouts = return_rollouts
         self.jitted = None if mesh is not None else jax.jit(fn, donate_argnums=(0,))
 
     def __call__(self, state: RLHFState, prompts: dict, key: jax.Array):
@@ -208,7 +210,8 @@ class CompiledRLHFStep:
             self.jitted = jax.jit(
                 self._fn, donate_argnums=(0,),
                 in_shardings=(state_sh, shd.batch_sharding(self._mesh), repl),
-                out_shardings=(state_sh, repl),
+                out_shardings=(state_sh, repl) + (
+                    (shd.batch_sharding(self._mesh),) if self._return_rollouts else ()),
             )
         return self.jitted(state, prompts, key)
 
@@ -224,6 +227,7 @@ def make_rlhf_step(
     reward_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     scorer: Callable[..., jax.Array] | None = None,
     mesh: Mesh | None = None,
+    return_rollouts: bool = False,
 ) -> CompiledRLHFStep:
     """Builds the one-jit RLHF iteration (see the module docstring).
 
@@ -241,6 +245,10 @@ def make_rlhf_step(
         prompts are left-padded, each repeated ``samples_per_prompt`` times).
       mesh: optional device mesh; the state is then laid out by
         :func:`rlhf_state_shardings` and prompts split over ``("data", "fsdp")``.
+      return_rollouts: also return the iteration's samples, ``{"prompt_ids", "prompt_mask",
+        "completion_ids", "completion_mask", "scores"}`` (``[B·k, …]``; ``scores`` before
+        clipping and the missing-EOS penalty), to log them or score them with another reward
+        without sampling again.
 
     Returns:
       A :class:`CompiledRLHFStep`. Prompts are ``{"prompt_ids", "prompt_mask"}`` ``[B, P]``,
@@ -423,12 +431,17 @@ def make_rlhf_step(
             value_params=value_params, value_opt_state=value_opt,
             kl=kl_state, step=state.step + 1,
         )
+        if return_rollouts:
+            rollouts = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                        "completion_ids": completion, "completion_mask": mask,
+                        "scores": raw_scores}
+            return new_state, metrics, rollouts
         return new_state, metrics
 
     def state_shardings(state: RLHFState):
         return rlhf_state_shardings(state, mesh, policy=policy, value=value, reward=reward)
 
-    return CompiledRLHFStep(step, state_shardings, mesh)
+    return CompiledRLHFStep(step, state_shardings, mesh, return_rollouts)
 
 
 def rlhf_state_shardings(

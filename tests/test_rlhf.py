@@ -134,6 +134,36 @@ def test_scorer_sees_the_prompt_and_matches_reward_fn():
         np.testing.assert_array_equal(via_fn[name], via_scorer[name], err_msg=name)
 
 
+@pytest.mark.parametrize("layout", [None, {"data": 8}])
+def test_rollouts_are_the_scored_samples(layout):
+    """return_rollouts hands back the iteration's own samples: their scores are the reward of
+    those completions, and the metrics are those of a step without rollouts."""
+    config = rlhf.RLHFConfig(max_new_tokens=8, advantage="rloo", samples_per_prompt=2)
+    mesh = None if layout is None else sharding.make_mesh(**layout)
+
+    def run(return_rollouts):
+        state, models, opt = _setup(config)
+        step = rlhf.make_rlhf_step(models["policy"], None, None, config, policy_optimizer=opt,
+                                   reward_fn=count_target, mesh=mesh,
+                                   return_rollouts=return_rollouts)
+        prompts = _prompts()
+        if mesh is not None:
+            state = rlhf.shard_rlhf_state(state, mesh, **models)
+            prompts = sharding.shard_batch(prompts, mesh)
+        return jax.device_get(step(state, prompts, jax.random.key(3))[1:])
+
+    (metrics,) = run(False)
+    metrics_r, rollouts = run(True)
+    assert rollouts["completion_ids"].shape == (2 * BATCH, 8)
+    np.testing.assert_array_equal(rollouts["prompt_ids"], np.repeat(_prompts()["prompt_ids"], 2, 0))
+    np.testing.assert_array_equal(
+        rollouts["scores"], count_target(rollouts["completion_ids"], rollouts["completion_mask"]))
+    assert rollouts["scores"].std() > 0  # the policy sampled different completions
+    np.testing.assert_allclose(metrics_r["score/mean"], rollouts["scores"].mean(), rtol=1e-6)
+    for name in metrics:
+        np.testing.assert_array_equal(metrics[name], metrics_r[name], err_msg=name)
+
+
 def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         rlhf.RLHFConfig(advantage="grpo")
