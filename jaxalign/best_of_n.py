@@ -9,6 +9,7 @@ alignment baseline whose KL to the sampling policy is known in closed form
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -113,7 +114,12 @@ def best_of_n(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    run = _make_best_of_n(policy, scorer, n, tuple(sorted(sampling.items())))
+    # The cache key spells every sampling option (defaults filled in), so callers that write
+    # the same settings differently share one compilation.
+    options = inspect.signature(make_generate).bind(policy, **sampling)
+    options.apply_defaults()
+    del options.arguments["model"]
+    run = _make_best_of_n(policy, scorer, n, tuple(sorted(options.arguments.items())))
     return run(params, jnp.asarray(prompts["prompt_ids"], jnp.int32),
                jnp.asarray(prompts["prompt_mask"], jnp.int32), key)
 

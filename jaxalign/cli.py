@@ -57,7 +57,6 @@ COMMANDS = {
           " SFT on the best, in rounds",
     "label": "label response pairs with a judge model (AI feedback) into soft preference JSONL",
 }
-_ALL = tuple(TRAIN_COMMANDS)
 # command -> (config class, "module:function" of its run, imported when the run starts)
 _RUNS = {
     **{command: (None, "jaxalign.runner:train") for command in TRAIN_COMMANDS},
@@ -67,10 +66,6 @@ _RUNS = {
 }
 
 
-def _opt(default: Any, help: str, *, commands: tuple[str, ...] = _ALL, **kwargs: Any) -> Any:
-    return option(default, help, commands=commands, **kwargs)
-
-
 _REF = ("dpo", "ipo")
 
 
@@ -78,51 +73,51 @@ _REF = ("dpo", "ipo")
 class TrainConfig(OptimizerOptions):
     """Everything one training run depends on (the CLI's options, the file's keys)."""
 
-    data: str | None = _opt(None, "JSONL training data (required)", metavar="FILE.jsonl")
-    out: str | None = _opt(None, "run directory (required): metrics.jsonl, tb/, checkpoints/,"
+    data: str | None = option(None, "JSONL training data (required)", metavar="FILE.jsonl")
+    out: str | None = option(None, "run directory (required): metrics.jsonl, tb/, checkpoints/,"
                            " final/, hf/", metavar="DIR")
-    model: str = _opt("tiny", "preset name (tiny, small, bench; random init) or a local Hugging"
+    model: str = option("tiny", "preset name (tiny, small, bench; random init) or a local Hugging"
                       " Face model directory", metavar="PRESET_OR_HF_DIR")
-    model_overrides: dict = _opt({}, "JSON object of TransformerConfig fields applied to the"
+    model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to the"
                                  " preset, e.g. '{\"n_layers\": 1}'", type=dict, metavar="JSON")
-    tokenizer: str | None = _opt(None, "tokenizer.json or a directory holding one (default: the"
+    tokenizer: str | None = option(None, "tokenizer.json or a directory holding one (default: the"
                                  " model's, or a byte-level BPE trained on --data and saved in"
                                  " DIR/tokenizer)", metavar="PATH")
-    init_from: str | None = _opt(None, "start from the final params of an earlier jaxalign run"
+    init_from: str | None = option(None, "start from the final params of an earlier jaxalign run"
                                  " (its DIR or DIR/final); rm puts a fresh score head on an"
                                  " LM's trunk", metavar="DIR")
-    steps: int = _opt(100, "training steps (batches); the LR schedule spans them", type=int)
-    stop_at: int | None = _opt(None, "stop after this step with a checkpoint, as if interrupted"
+    steps: int = option(100, "training steps (batches); the LR schedule spans them", type=int)
+    stop_at: int | None = option(None, "stop after this step with a checkpoint, as if interrupted"
                                " (continue with --resume)", type=int)
-    batch_size: int = _opt(8, "records per batch (pairs for rm/dpo/ipo/orpo)", type=int)
-    lr: float = _opt(1e-4, "peak learning rate (AdamW)", type=float)
-    grad_accum_steps: int = _opt(1, "batches averaged per optimiser update", type=int)
-    beta: float = _opt(0.1, "DPO/IPO temperature beta", type=float, commands=_REF)
-    label_smoothing: float = _opt(0.0, "conservative DPO label smoothing in [0, 0.5)", type=float,
+    batch_size: int = option(8, "records per batch (pairs for rm/dpo/ipo/orpo)", type=int)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", type=float)
+    grad_accum_steps: int = option(1, "batches averaged per optimiser update", type=int)
+    beta: float = option(0.1, "DPO/IPO temperature beta", type=float, commands=_REF)
+    label_smoothing: float = option(0.0, "conservative DPO label smoothing in [0, 0.5)", type=float,
                                   commands=("dpo",))
-    lam: float = _opt(0.1, "ORPO odds-ratio weight lambda", type=float, commands=("orpo",))
-    center_coef: float = _opt(0.0, "reward centring coefficient (mean (r_c + r_r)^2)",
+    lam: float = option(0.1, "ORPO odds-ratio weight lambda", type=float, commands=("orpo",))
+    center_coef: float = option(0.0, "reward centring coefficient (mean (r_c + r_r)^2)",
                               type=float, commands=("rm",))
-    include_prompt: bool = _opt(False, "also train on prompt tokens", type=bool,
+    include_prompt: bool = option(False, "also train on prompt tokens", type=bool,
                                 commands=("sft",))
-    precompute_ref: bool = _opt(False, "compute reference log-probs once over the data before"
+    precompute_ref: bool = option(False, "compute reference log-probs once over the data before"
                                 " training (no reference params kept)", type=bool, commands=_REF)
-    max_length: int | None = _opt(None, "longest sequence, prompt + completion (default: the"
+    max_length: int | None = option(None, "longest sequence, prompt + completion (default: the"
                                   " model's max_len)", type=int)
-    max_prompt_length: int | None = _opt(None, "prompts keep their last this many tokens",
+    max_prompt_length: int | None = option(None, "prompts keep their last this many tokens",
                                          type=int)
-    pad_multiple: int = _opt(64, "batches are padded to a multiple of this (few shapes, few"
+    pad_multiple: int = option(64, "batches are padded to a multiple of this (few shapes, few"
                              " compilations)", type=int)
-    seed: int = _opt(0, "seed of init, shuffling and the state's PRNG key", type=int)
-    save_every: int = _opt(500, "checkpoint every N steps (and at the end)", type=int)
-    keep: int = _opt(3, "checkpoints kept", type=int)
-    log_every: int = _opt(10, "log metrics every N steps (and at steps 1 and --steps)", type=int)
-    resume: bool = _opt(False, "continue from the latest checkpoint in DIR/checkpoints", type=bool)
-    on_bad_record: str = _opt("error", "a bad JSONL record stops the run (error, exit 2) or is"
+    seed: int = option(0, "seed of init, shuffling and the state's PRNG key", type=int)
+    save_every: int = option(500, "checkpoint every N steps (and at the end)", type=int)
+    keep: int = option(3, "checkpoints kept", type=int)
+    log_every: int = option(10, "log metrics every N steps (and at steps 1 and --steps)", type=int)
+    resume: bool = option(False, "continue from the latest checkpoint in DIR/checkpoints", type=bool)
+    on_bad_record: str = option("error", "a bad JSONL record stops the run (error, exit 2) or is"
                               " skipped and counted (skip)", choices=("error", "skip"))
-    export_hf: bool = _opt(False, "also save the final model as HF safetensors in DIR/hf",
+    export_hf: bool = option(False, "also save the final model as HF safetensors in DIR/hf",
                            type=bool)
-    progress: bool = _opt(True, "tqdm progress bar (off: a log line per logged step)", type=bool)
+    progress: bool = option(True, "tqdm progress bar (off: a log line per logged step)", type=bool)
 
     def __post_init__(self) -> None:
         super().__post_init__()

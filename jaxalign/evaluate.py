@@ -92,8 +92,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxalign.logprobs import token_logprobs
-from jaxalign.masking import masked_sum
+from jaxalign.logprobs import sequence_logprobs
 from jaxalign.sampling import make_generate
 
 __all__ = [
@@ -258,7 +257,7 @@ def _make_log_ratio_fn(model: Any) -> Callable:
     def log_ratio(params, ref_params, ids, attention_mask, completion_mask):
         def sequence_logps(p):
             logits = model.apply({"params": p}, ids, attention_mask)
-            return masked_sum(token_logprobs(logits, ids), completion_mask > 0, axis=-1)
+            return sequence_logprobs(logits, ids, completion_mask > 0)
 
         return sequence_logps(params) - sequence_logps(ref_params)
 

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxalign import sharding as shd
 from jaxalign.control import AdaptiveKLController, FixedKLController, KLControllerState
 from jaxalign.advantages import gae
+from jaxalign.best_of_n import completion_scorer
 from jaxalign.logprobs import gather_logprobs
 from jaxalign.losses import entropy, kl_penalty, ppo_loss
 from jaxalign.masking import masked_mean, masked_whiten
@@ -256,6 +257,8 @@ def make_rlhf_step(
     """
     if (reward is not None) + (reward_fn is not None) + (scorer is not None) != 1:
         raise ValueError("pass exactly one of reward (a RewardModel), reward_fn and scorer")
+    if reward_fn is not None:
+        scorer = completion_scorer(reward_fn)
     if config.uses_critic and not config.shared_value_head and value is None:
         raise ValueError("advantage='gae' without shared_value_head needs a value model")
     if config.shared_value_head and not config.uses_critic:
@@ -320,9 +323,7 @@ def make_rlhf_step(
             old_values = value_forward(state.value_params, ids, attn, prompt_len)
         else:
             old_values = jnp.zeros_like(old_logps)
-        if reward_fn is not None:
-            scores = jnp.asarray(reward_fn(completion, mask), jnp.float32)
-        elif scorer is not None:
+        if scorer is not None:
             scores = jnp.asarray(scorer(prompt_ids, prompt_mask, completion, mask), jnp.float32)
         else:
             scores = reward.apply({"params": state.reward_params}, ids, attn).astype(jnp.float32)

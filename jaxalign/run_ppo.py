@@ -112,10 +112,7 @@ def _rlhf_fns(policy: Any, value: Any, reward: Any, rlhf_config: Any, policy_opt
     value_optimizer = steps.make_optimizer(**dict(value_options)) if value is not None else None
     step = make_rlhf_step(policy, value, reward, rlhf_config, policy_optimizer=policy_optimizer,
                           value_optimizer=value_optimizer, mesh=mesh)
-    options = dict(policy_options)
-    schedule = steps.learning_rate_schedule(
-        options["learning_rate"], total_steps=options["total_steps"],
-        warmup_steps=options["warmup_steps"], end_lr_ratio=options["end_lr_ratio"])
+    schedule = steps.optimizer_schedule(**dict(policy_options))
     return step, policy_optimizer, value_optimizer, jax.jit(schedule)
 
 

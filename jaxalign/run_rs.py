@@ -47,9 +47,7 @@ def rs(config: RSConfig) -> dict[str, Any]:
     total_updates = config.rounds * config.steps_per_round
     options = config.optimizer_options(total_updates)
     optimizer = steps.make_optimizer(**options)
-    schedule = steps.learning_rate_schedule(
-        options["learning_rate"], total_steps=total_updates,
-        warmup_steps=options["warmup_steps"], end_lr_ratio=options["end_lr_ratio"])
+    schedule = steps.optimizer_schedule(**options)
     # positions the sampler runs per round (prompt + new tokens, n samples per prompt)
     positions = config.n * (int(prompts["prompt_mask"].sum())
                             + len(run.prompts) * config.max_new_tokens)

@@ -211,9 +211,7 @@ def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options:
     so a process running several jobs on one model, e.g. a demo or a resume, compiles once)."""
     options = dict(optimizer_options)
     optimizer = steps.make_optimizer(**options)
-    schedule = steps.learning_rate_schedule(
-        options["learning_rate"], total_steps=options["total_steps"],
-        warmup_steps=options["warmup_steps"], end_lr_ratio=options["end_lr_ratio"])
+    schedule = steps.optimizer_schedule(**options)
     if kind == "sft":
         step = steps.make_sft_step(model, optimizer, **dict(step_options))
     elif kind == "rm":

@@ -25,6 +25,7 @@ from jaxalign.demo import task
 from jaxalign.demo.cache import StageCache, load_params, save_params
 from jaxalign.demo.config import DemoConfig
 from jaxalign.evaluate import sample_completions
+from jaxalign.feedback import write_jsonl
 from jaxalign.models import (
     CausalLM, RewardModel, TransformerConfig, init_head_from_causal_lm, init_params,
 )
@@ -35,12 +36,6 @@ from jaxalign.train import create_train_state, make_optimizer, make_reward_step,
 def progress(iterable=None, **kwargs) -> tqdm:
     """The demo's progress bar (stderr, refreshed at most once a second)."""
     return tqdm(iterable, file=sys.stderr, mininterval=1.0, dynamic_ncols=True, **kwargs)
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

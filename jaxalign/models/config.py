@@ -5,12 +5,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 
 def _as_dtype(value: Any) -> np.dtype:
     return jnp.dtype(value)
+
+
+REMAT_POLICIES = {  # TransformerConfig.remat_policy -> jax.checkpoint policy
+    "nothing": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +84,7 @@ class TransformerConfig:
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "set head_dim explicitly"
             )
-        if self.remat_policy not in ("nothing", "dots"):
+        if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be 'nothing' or 'dots', got {self.remat_policy!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxalign.models.config import TransformerConfig
+from jaxalign.models.config import REMAT_POLICIES, TransformerConfig
 
 #: Every logical axis name a parameter can carry; a sharding rules table maps these to mesh axes.
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers")
@@ -98,12 +98,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, None] + rotated * sin[:, None]
-
-
-REMAT_POLICIES = {  # TransformerConfig.remat_policy -> jax.checkpoint policy
-    "nothing": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxalign.logprobs import token_logprobs
+from jaxalign.logprobs import sequence_logprobs
 from jaxalign.losses import dpo_loss, ipo_loss, orpo_loss
-from jaxalign.masking import masked_mean, masked_sum
 from jaxalign.train.state import TrainState, make_loss_step
 
 PreferenceLoss = Literal["dpo", "ipo", "orpo"]
@@ -39,9 +38,7 @@ def pair_logps(
     """
     ids, attention_mask, completion_mask = _concat_pair(batch)
     logits = model.apply({"params": params}, ids, attention_mask)
-    per_token = token_logprobs(logits, ids)
-    mask = completion_mask > 0
-    logps = masked_mean(per_token, mask, axis=-1) if average else masked_sum(per_token, mask, axis=-1)
+    logps = sequence_logprobs(logits, ids, completion_mask > 0, average=average)
     return tuple(jnp.split(logps, 2))
 
 
@@ -53,14 +50,15 @@ def make_reference_logps_fn(
     Run it once over the dataset and put its outputs into the batches to train without the
     reference model in memory. Uses sums for DPO and per-token means for IPO, matching the step.
     """
-    average = loss != "dpo"
+    return jax.jit(lambda ref_params, batch: reference_logps(model, ref_params, batch, loss))
 
-    @jax.jit
-    def reference_logps(ref_params, batch):
-        chosen, rejected = pair_logps(model, ref_params, batch, average=average)
-        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
-    return reference_logps
+def reference_logps(model: Any, ref_params: Any, batch: dict,
+                    loss: PreferenceLoss = "dpo") -> dict[str, jax.Array]:
+    """``{"ref_chosen_logps", "ref_rejected_logps"}`` under ``ref_params``: sums for DPO,
+    per-token means for IPO and ORPO, as the step uses them."""
+    chosen, rejected = pair_logps(model, ref_params, batch, average=loss != "dpo")
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
 def preference_loss(
@@ -156,8 +154,7 @@ def make_preference_step(
         # slowly on the bench config (DPO 1.32 s vs 0.66 s with precomputed log-probs).
         if loss == "orpo" or "ref_chosen_logps" in batch or state.ref_params is None:
             return batch
-        chosen, rejected = pair_logps(model, state.ref_params, batch, average=loss != "dpo")
-        return {**batch, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        return {**batch, **reference_logps(model, state.ref_params, batch, loss)}
 
     def loss_fn(params, state, batch):
         return preference_loss(model, params, batch, state.ref_params, loss=loss, beta=beta,

@@ -131,6 +131,17 @@ def learning_rate_schedule(
     )
 
 
+def optimizer_schedule(
+    learning_rate: float, *, total_steps: int, warmup_steps: int = 0, end_lr_ratio: float = 0.0,
+    **other_optimizer_options: Any,
+) -> optax.Schedule:
+    """The schedule ``make_optimizer(**options)`` follows, from the same keyword arguments (for
+    logging the learning rate; options that do not shape the schedule are ignored)."""
+    del other_optimizer_options
+    return learning_rate_schedule(learning_rate, total_steps=total_steps,
+                                  warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio)
+
+
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     """Total updates skipped for non-finite gradients (0 if the optimiser does not skip)."""
     total = getattr(opt_state, "total_notfinite", None)
