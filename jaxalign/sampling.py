@@ -212,6 +212,21 @@ def _check_prompts(model, prompt_ids, prompt_mask, max_new_tokens) -> None:
         )
 
 
+def _cast_matmul_weights(params: Any, dtype: Any) -> Any:
+    """Matmul weights (every leaf of rank ≥ 2 but the embedding table) cast to ``dtype``.
+
+    The model casts exactly these to its compute dtype before each matmul, so casting them once
+    before the decode loop changes no number. The embedding table (gathered, then used in
+    float32), norm scales and scalar heads (float32 math) stay as they are, so the sampler's
+    forward pass is bit-for-bit the training forward pass.
+    """
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return leaf if leaf.ndim < 2 or name == "embedding" else leaf.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _forward(model: nn.Module, params, tokens, mask, cache):
     """``(last-position logits [B, V], cache)`` via the model's ``decode`` method."""
     return model.apply({"params": params}, tokens, mask, cache, method="decode")
@@ -240,14 +255,14 @@ def make_generate(
 
     config = model.config
     # Decoding runs the blocks unrolled: a scanned model would slice every stacked weight
-    # (a copy) in every step. Weights are cast to the compute dtype once, before the loop;
-    # the model casts them to that dtype anyway, so the numbers are unchanged.
+    # (a copy) in every step. Matmul weights are cast to the compute dtype once, before the
+    # loop (see _cast_matmul_weights).
     decode_model = model.clone(config=dataclasses.replace(config, scan_layers=False, remat=False))
 
     def run(params, prompt_ids, prompt_mask, key) -> GenerateOutput:
         _check_prompts(model, prompt_ids, prompt_mask, num_new)
         params = unstack_layer_params(params, config.n_layers) if config.scan_layers else params
-        params = jax.tree.map(lambda leaf: leaf.astype(config.dtype), params)
+        params = _cast_matmul_weights(params, config.dtype)
         prompt_ids = prompt_ids.astype(jnp.int32)
         prompt_mask = prompt_mask.astype(jnp.int32)
         batch, prompt_len = prompt_ids.shape

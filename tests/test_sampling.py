@@ -246,3 +246,17 @@ def test_generate_bf16_model(lm, prompts):
     expected = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(out.tokens)[..., None],
                                   -1)[..., 0]
     np.testing.assert_allclose(out.policy_logps, expected, atol=5e-2)
+
+
+def test_bf16_sampler_logps_are_the_training_forward_logps(lm, prompts):
+    """In bf16 compute, PPO's old log-probs (``policy_logps``) are the log-probs the same bf16
+    model gives the sampled tokens in a full (training) forward pass: the sampler rounds only
+    the matmul weights, exactly as the model does, not the embedding table or norm scales."""
+    _, params = lm
+    ids, mask = prompts
+    bf16 = CausalLM(dataclasses.replace(CONFIG, dtype=jnp.bfloat16))
+    out = generate(bf16, params, ids, mask, jax.random.key(3), max_new_tokens=NEW)
+    logits = _full_logits(bf16, params, ids, mask, out)
+    expected = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(out.tokens)[..., None],
+                                  -1)[..., 0]
+    np.testing.assert_allclose(out.policy_logps, expected, atol=1e-5)
