@@ -8,6 +8,7 @@ alignment baseline whose KL to the sampling policy is known in closed form
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -49,13 +50,28 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def reward_model_scorer(model: Any, params: Any) -> Callable:
-    """A scorer from a ``RewardModel``: scores ``concat(prompt, completion)`` at its last token."""
-    def score(prompt_ids, prompt_mask, completion, completion_mask):
+@dataclasses.dataclass(frozen=True)
+class _RewardModelScore:
+    """``(params, prompt_ids, prompt_mask, completion, completion_mask) -> [B]``: the reward
+    model's score of ``concat(prompt, completion)`` at its last token. Equal models compare
+    equal, so one compilation serves every parameter value."""
+
+    model: Any
+
+    def __call__(self, params, prompt_ids, prompt_mask, completion, completion_mask):
         ids = jnp.concatenate([prompt_ids, completion], axis=1)
         mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-        return model.apply({"params": params}, ids, mask)
-    return score
+        return self.model.apply({"params": params}, ids, mask)
+
+
+def reward_model_scorer(model: Any, params: Any) -> jax.tree_util.Partial:
+    """A scorer from a ``RewardModel``: scores ``concat(prompt, completion)`` at its last token.
+
+    The scorer is a :class:`jax.tree_util.Partial` whose leaves are ``params``: it crosses
+    ``jax.jit`` as an argument, so the weights are neither baked into the compiled program as
+    constants nor a reason to recompile when they change.
+    """
+    return jax.tree_util.Partial(_RewardModelScore(model), params)
 
 
 def completion_scorer(reward_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable:
@@ -66,12 +82,21 @@ def completion_scorer(reward_fn: Callable[[jax.Array, jax.Array], jax.Array]) ->
     return score
 
 
+def _sampling_key(policy: Any, sampling: dict) -> tuple:
+    """Every option of :func:`make_generate` (defaults filled in) as a sorted tuple, so callers
+    that write the same settings differently share one compilation."""
+    options = inspect.signature(make_generate).bind(policy, **sampling)
+    options.apply_defaults()
+    del options.arguments["model"]
+    return tuple(sorted(options.arguments.items()))
+
+
 @functools.lru_cache(maxsize=16)
-def _make_best_of_n(policy, scorer, n, sampling: tuple):
+def _make_best_of_n(policy, n, sampling: tuple):
     generate = make_generate(policy, **dict(sampling))
 
     @jax.jit
-    def run(params, prompt_ids, prompt_mask, key):
+    def run(params, scorer, prompt_ids, prompt_mask, key):
         batch = prompt_ids.shape[0]
         ids = jnp.repeat(prompt_ids, n, axis=0)
         mask = jnp.repeat(prompt_mask, n, axis=0)
@@ -101,8 +126,11 @@ def best_of_n(
     Args:
       policy: a ``CausalLM``; ``params`` its parameters.
       scorer: ``scorer(prompt_ids, prompt_mask, completion_ids, completion_mask) -> [B·n]``;
-        build one with :func:`reward_model_scorer` or :func:`completion_scorer`. It must be
-        hashable (it keys the compilation cache); keep one scorer object per reward.
+        build one with :func:`reward_model_scorer` or :func:`completion_scorer`. A
+        :class:`jax.tree_util.Partial` (what :func:`reward_model_scorer` returns) is passed
+        into the compiled function as an argument, its arrays as inputs; any other callable
+        keys the compilation by identity (keep one object per reward), and arrays it closes
+        over are compiled in as constants.
       prompts: ``{"prompt_ids", "prompt_mask"}`` ``[B, P]``, left-padded.
       n: samples per prompt.
       key: PRNG key.
@@ -114,13 +142,10 @@ def best_of_n(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    # The cache key spells every sampling option (defaults filled in), so callers that write
-    # the same settings differently share one compilation.
-    options = inspect.signature(make_generate).bind(policy, **sampling)
-    options.apply_defaults()
-    del options.arguments["model"]
-    run = _make_best_of_n(policy, scorer, n, tuple(sorted(options.arguments.items())))
-    return run(params, jnp.asarray(prompts["prompt_ids"], jnp.int32),
+    run = _make_best_of_n(policy, n, _sampling_key(policy, sampling))
+    if not isinstance(scorer, jax.tree_util.Partial):
+        scorer = jax.tree_util.Partial(scorer)
+    return run(params, scorer, jnp.asarray(prompts["prompt_ids"], jnp.int32),
                jnp.asarray(prompts["prompt_mask"], jnp.int32), key)
 
 

@@ -243,7 +243,9 @@ def make_rlhf_step(
       scorer: optional pure ``(prompt_ids [B, P], prompt_mask [B, P], completion_ids [B, N],
         completion_mask [B, N]) -> [B]`` used instead of the reward model when the reward
         depends on the prompt (the protocol of :func:`jaxalign.best_of_n.best_of_n`'s scorers;
-        prompts are left-padded, each repeated ``samples_per_prompt`` times).
+        prompts are left-padded, each repeated ``samples_per_prompt`` times). Arrays a scorer
+        holds are compiled into the step as constants: a learned reward model belongs in
+        ``reward`` (its params live in the state, sharded and donated like the others).
       mesh: optional device mesh; the state is then laid out by
         :func:`rlhf_state_shardings` and prompts split over ``("data", "fsdp")``.
       return_rollouts: also return the iteration's samples, ``{"prompt_ids", "prompt_mask",

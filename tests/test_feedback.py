@@ -164,3 +164,30 @@ def test_rejection_sampling_raises_the_reward():
                                              max_new_tokens=10)
     assert log[-1]["mean_score"] > log[0]["mean_score"] + 0.5, log
     assert all(entry["best_score"] >= entry["mean_score"] for entry in log)
+
+
+def test_reward_model_scorer_params_are_arguments_not_constants():
+    """best_of_n with a reward-model scorer compiles once for two different reward params (they
+    enter as arguments, not as constants baked into the program), and each call scores with its
+    own params: the scores equal the reward model applied directly."""
+    model = CausalLM(CFG)
+    params = init_params(model, jax.random.key(0))
+    rm = RewardModel(CFG)
+    prompts = _prompts()
+    bon._make_best_of_n.cache_clear()
+    outs = []
+    for seed in (1, 2):
+        rm_params = init_params(rm, jax.random.key(seed))
+        out = bon.best_of_n(model, params, bon.reward_model_scorer(rm, rm_params), prompts, 3,
+                            jax.random.key(5), max_new_tokens=6)
+        ids = np.repeat(prompts["prompt_ids"], 3, axis=0)
+        mask = np.repeat(prompts["prompt_mask"], 3, axis=0)
+        tokens = np.asarray(out.all_tokens).reshape(12, -1)
+        comp = np.asarray(out.all_masks).reshape(12, -1)
+        direct = rm.apply({"params": rm_params}, np.concatenate([ids, tokens], 1),
+                          np.concatenate([mask, comp], 1))
+        np.testing.assert_allclose(np.asarray(out.scores).reshape(-1), direct, rtol=1e-5, atol=1e-6)
+        outs.append(out)
+    assert not np.allclose(outs[0].scores, outs[1].scores)
+    run = bon._make_best_of_n(model, 3, bon._sampling_key(model, {"max_new_tokens": 6}))
+    assert run._cache_size() == 1
