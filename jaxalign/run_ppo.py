@@ -41,7 +41,9 @@ from jaxalign import distributed, sharding
 from jaxalign import train as steps
 from jaxalign.checkpoint import Checkpointer
 from jaxalign.data import DataLoader
-from jaxalign.models import CausalLM, CausalLMWithValueHead, ValueModel, init_head_from_causal_lm
+from jaxalign.models import (
+    CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm,
+)
 from jaxalign.options import ConfigError
 from jaxalign.rl_options import PPOConfig
 from jaxalign.rlhf import init_rlhf_state, make_rlhf_step, shard_rlhf_state
@@ -208,10 +210,9 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
     final = hf_dir = None
     if step == config.steps:
         params = result.state.policy_params
-        if config.shared_value_head:  # saved as the causal LM it is without its value head
-            params = {name: tree for name, tree in params.items() if name != "value_head"}
-        final, hf_dir = save_final(out, "ppo", CausalLM(policy.config), params, tokenizer,
-                                   step, config.export_hf)
+        # Saved as the causal LM it is (without a shared value head).
+        final, hf_dir = save_final(out, "ppo", CausalLM(policy.config), causal_lm_params(params),
+                                   tokenizer, step, config.export_hf)
     metrics = result.final_metrics
     summary = {
         "kind": "ppo", "steps": step, "start_step": start, "total_steps": config.steps,

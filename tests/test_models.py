@@ -24,6 +24,7 @@ from jaxalign.models import (
     ValueModel,
     get_config,
     init_cache,
+    causal_lm_params,
     init_head_from_causal_lm,
     init_params,
     last_token_index,
@@ -234,6 +235,9 @@ def test_causal_lm_with_value_head_shares_trunk(params, tokens):
         {"params": p}, t, method=lambda m, t: m.trunk(t)[0]))(params, tokens)
     head = both_params["value_head"]
     np.testing.assert_allclose(values, hidden @ head["kernel"] + head["bias"], atol=1e-5)
+    back = causal_lm_params(both_params)  # the inverse: the causal LM's own params again
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
 
 
 def test_tied_embeddings_and_qkv_bias(params, tokens):

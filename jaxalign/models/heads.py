@@ -146,38 +146,25 @@ class RewardModel(nn.Module):
         return self.score_head(last_hidden)
 
 
-class CausalLMWithValueHead(nn.Module):
-    """Shared trunk, LM head and value head (PPO's actor-critic).
+class CausalLMWithValueHead(CausalLM):
+    """Shared trunk, LM head and value head (PPO's actor-critic): a :class:`CausalLM` plus a
+    ``value_head`` (its ``logits`` and ``decode`` are the causal LM's).
 
     ``apply(...) -> (logits [B, T, V], values [B, T])``, both float32; with ``cache=`` it
-    returns ``(logits, values, cache)``.
+    returns ``(logits, values, cache)``. :func:`causal_lm_params` drops the value head again.
     """
 
-    config: TransformerConfig
     head_name = "value_head"
 
     def setup(self):
-        self.trunk = Transformer(self.config)
-        if not self.config.tie_embeddings:
-            self.lm_head = LMHead(self.config)
+        super().setup()
         self.value_head = ScalarHead(self.config)
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """``hidden [B, T, D] -> logits [B, T, V]`` float32."""
-        if self.config.tie_embeddings:
-            return self.trunk.attend(hidden)
-        return self.lm_head(hidden)
 
     def __call__(self, tokens, attention_mask=None, cache: KVCache | None = None):
         hidden, new_cache = self.trunk(tokens, attention_mask, cache)
         logits = self.logits(hidden)
         values = self.value_head(hidden)
         return (logits, values) if cache is None else (logits, values, new_cache)
-
-    def decode(self, tokens, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """As :meth:`CausalLM.decode`: ``(logits [B, V] of the last position, cache)``."""
-        hidden, new_cache = self.trunk(tokens, attention_mask, cache)
-        return self.logits(hidden[:, -1:])[:, 0], new_cache
 
 
 @functools.lru_cache(maxsize=32)
@@ -226,6 +213,13 @@ def init_head_from_causal_lm(model: nn.Module, lm_params: Any, key: jax.Array) -
     if isinstance(model, CausalLMWithValueHead) and not model.config.tie_embeddings:
         params["lm_head"] = lm_params["lm_head"]
     return params
+
+
+def causal_lm_params(params: Any) -> Any:
+    """The :class:`CausalLM` parameters inside a model's: everything but a scalar head (the
+    inverse of :func:`init_head_from_causal_lm` for :class:`CausalLMWithValueHead`)."""
+    heads = {cls.head_name for cls in (ValueModel, RewardModel, CausalLMWithValueHead)}
+    return {name: tree for name, tree in params.items() if name not in heads}
 
 
 def value_params_from_lm(lm_params: Any, key: jax.Array, config: TransformerConfig) -> Any:
