@@ -92,6 +92,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxalign.batching import map_batches
 from jaxalign.logprobs import sequence_logprobs
 from jaxalign.sampling import make_generate
 
@@ -241,14 +242,13 @@ def sample_completions(
     generate = make_generate(model, max_new_tokens=max_new_tokens, temperature=float(temperature),
                              eos_id=eos_id, pad_id=pad_id)
     prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
-    tokens, masks = [], []
-    for index, start in enumerate(range(0, len(prompt_ids), batch_size)):
-        rows = np.arange(start, start + batch_size) % len(prompt_ids)
-        out = generate(params, prompt_ids[rows], prompt_mask[rows], jax.random.fold_in(key, index))
-        keep = min(batch_size, len(prompt_ids) - start)
-        tokens.append(np.asarray(out.tokens)[:keep])
-        masks.append(np.asarray(out.completion_mask)[:keep])
-    return Completions(prompt_ids, prompt_mask, np.concatenate(tokens), np.concatenate(masks))
+
+    def sample(index, ids, mask):
+        out = generate(params, ids, mask, jax.random.fold_in(key, index))
+        return out.tokens, out.completion_mask
+
+    tokens, masks = map_batches(sample, (prompt_ids, prompt_mask), batch_size)
+    return Completions(prompt_ids, prompt_mask, tokens, masks)
 
 
 @functools.lru_cache(maxsize=16)
@@ -283,12 +283,9 @@ def sequence_kl(
     completion = np.concatenate(
         [np.zeros_like(completions.prompt_mask), completions.completion_mask], axis=1)
     fn = _make_log_ratio_fn(model)
-    out = []
-    for start in range(0, len(ids), batch_size):
-        rows = np.arange(start, start + batch_size) % len(ids)
-        values = fn(params, ref_params, ids[rows], attention[rows], completion[rows])
-        out.append(np.asarray(values)[: min(batch_size, len(ids) - start)])
-    return np.concatenate(out).astype(np.float64)
+    values = map_batches(lambda _, *batch: fn(params, ref_params, *batch),
+                         (ids, attention, completion), batch_size)
+    return values.astype(np.float64)
 
 
 def evaluate_policy(

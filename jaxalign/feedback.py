@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from jaxalign.batching import map_batches
 from jaxalign.models.heads import RewardModel
 
 DEFAULT_CONSTITUTION = (
@@ -99,16 +100,13 @@ def _reward_fn(model):
 
 def _batched(fn, params, tokenizer, texts, *, max_length, batch_size, padding_side,
              **encode_kwargs):
-    """Runs ``fn(params, ids, mask)`` over ``texts`` in fixed-shape chunks (one compilation)."""
-    outputs = []
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)    # pad the last chunk to the static shape
-        ids, mask = tokenizer.encode_batch(chunk, max_length=max_length, padding_side=padding_side,
-                                           truncation_side="left", **encode_kwargs)
-        outputs.append(np.asarray(fn(params, ids, mask))[:real])
-    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+    """Runs ``fn(params, ids, mask)`` over the tokenised ``texts`` in fixed-shape batches."""
+    if not texts:
+        return np.zeros((0,), np.float32)
+    ids, mask = tokenizer.encode_batch(list(texts), max_length=max_length,
+                                       padding_side=padding_side, truncation_side="left",
+                                       **encode_kwargs)
+    return map_batches(lambda _, *batch: fn(params, *batch), (ids, mask), batch_size)
 
 
 def label_pairs(

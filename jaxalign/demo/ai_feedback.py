@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxalign.batching import map_batches
 from jaxalign import feedback
 from jaxalign.best_of_n import best_of_n, best_of_n_kl, reward_model_scorer
 from jaxalign.demo import task
@@ -63,20 +64,17 @@ def stage_best_of_n(ctx: Context, out: Path, *, baseline: list[float]) -> dict[s
     params, prompts = ctx.sft_params(), ctx.prompts("eval_prompts")
     count = len(prompts["prompt_ids"])
     key = jax.random.key(cfg.seed + 60)
-    scores, tokens, masks = [], [], []
-    starts = range(0, count, cfg.gen_batch)
-    for index, start in enumerate(progress(starts, desc=f"best-of-{n_max} (reward model)",
-                                           unit="batch")):
-        rows = np.arange(start, start + cfg.gen_batch) % count
-        picked = best_of_n(ctx.model, params, scorer, {k: v[rows] for k, v in prompts.items()},
+
+    def sample(index, ids, mask):
+        picked = best_of_n(ctx.model, params, scorer, {"prompt_ids": ids, "prompt_mask": mask},
                            n_max, jax.random.fold_in(key, index),
                            max_new_tokens=cfg.max_new_tokens, eos_id=ctx.tokenizer.eos_id,
                            pad_id=ctx.tokenizer.padding_id)
-        keep = min(cfg.gen_batch, count - start)
-        scores.append(np.asarray(picked.scores)[:keep])
-        tokens.append(np.asarray(picked.all_tokens)[:keep])
-        masks.append(np.asarray(picked.all_masks)[:keep])
-    scores, tokens, masks = np.concatenate(scores), np.concatenate(tokens), np.concatenate(masks)
+        return picked.scores, picked.all_tokens, picked.all_masks
+
+    scores, tokens, masks = map_batches(
+        sample, (prompts["prompt_ids"], prompts["prompt_mask"]), cfg.gen_batch,
+        wrap=lambda starts: progress(starts, desc=f"best-of-{n_max} (reward model)", unit="batch"))
     rows = np.arange(count)
     points = []
     for n in cfg.bon_n:
