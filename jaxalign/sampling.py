@@ -121,12 +121,12 @@ def sample_token(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row from ``softmax(filter(logits / temperature))``.
 
-    Filtering: ``top_k > 0`` keeps exactly the ``k`` largest logits (``lax.top_k``); then
-    ``top_p < 1`` keeps the smallest prefix of the remaining tokens, sorted by probability,
-    whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019, arXiv:1904.09751).
-    ``temperature == 0`` is greedy (the first maximal logit). ``top_p < 1`` without ``top_k``
-    sorts the whole vocabulary every step (``lax.top_k`` with ``k = V``), which is slow on CPU;
-    with ``top_k`` it only sorts the ``k`` candidates.
+    Filtering: ``top_k > 0`` keeps the ``k`` largest logits (and any tied with the k-th, as
+    Hugging Face does); then ``top_p < 1`` keeps the smallest set of the remaining tokens, most
+    likely first, whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019,
+    arXiv:1904.09751; tokens tied at the boundary are all kept). Both find a per-row
+    threshold by bisection instead of sorting the vocabulary. ``temperature == 0`` is greedy
+    (the first maximal logit).
 
     Args:
       logits: ``[B, V]`` float32 next-token logits.
@@ -166,18 +166,52 @@ def _sample(logits, uniform, *, temperature, top_k, top_p):
         policy = logq if temperature == 1.0 else policy_logp(tokens)
         return tokens, logq, policy
 
-    # Filtered sampling works on the candidates sorted by logit, largest first.
-    size = top_k if top_k > 0 else logits.shape[-1]
-    values, candidates = jax.lax.top_k(logits / temperature, size)
-    values = values - values[:, :1]
+    # Filtering keeps every token at or above a per-row threshold found by bisection: no sort
+    # of the vocabulary (lax.top_k/sort made a step ~6x slower on CPU).
+    scaled = logits / temperature
+    keys = _order_keys(scaled)
+    keep = jnp.ones(scaled.shape, bool)
+    if top_k > 0:
+        keep = keys >= _largest_threshold(keys, jnp.ones_like(scaled), float(top_k))
+    weights = jnp.where(keep, jnp.exp(scaled - _row_max(scaled)), 0.0)
     if top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(mass_before < top_p, values, -jnp.inf)
-    picked, total = _inverse_cdf_sample(jnp.exp(values), uniform)
-    logq = pick(values, picked) - jnp.log(total)
-    tokens = pick(candidates, picked).astype(jnp.int32)
+        target = top_p * jnp.sum(weights, axis=-1)
+        keep = keep & (keys >= _largest_threshold(keys, weights, target))
+        weights = jnp.where(keep, weights, 0.0)
+    tokens, total = _inverse_cdf_sample(weights, uniform)
+    logq = pick(scaled, tokens) - _row_max(scaled)[:, 0] - jnp.log(total)
     return tokens, logq, policy_logp(tokens)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """``uint32`` keys with the order of the float32 values ``x`` (finite or ±inf; −0 = +0)."""
+    x = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_threshold(keys: jax.Array, weights: jax.Array, target: Any) -> jax.Array:
+    """Per row, the largest key ``t`` with ``Σ weights[keys ≥ t] ≥ target`` (``[B, 1]``).
+
+    Bisection over the 32-bit key range (32 masked row sums). With unit weights and
+    ``target = k`` it is the k-th largest key, so ``keys ≥ t`` keeps the top k and any ties
+    with the k-th (as Hugging Face's top-k does); with probability weights and ``target =
+    p · Σw`` it keeps the smallest set of most likely tokens holding mass ``p`` (nucleus).
+    The row minimum always qualifies (all the mass), one past the row maximum never does.
+    """
+    target = jnp.broadcast_to(jnp.asarray(target, jnp.float32), keys.shape[:1])[:, None]
+    low = jnp.min(keys, axis=-1, keepdims=True)
+    high = jnp.max(keys, axis=-1, keepdims=True)  # max + 1 is "never"; kept implicit
+
+    def halve(_, bounds):
+        low, high = bounds
+        mid = low + (high - low + 1) // 2  # in (low, high]; low stays a qualifying key
+        ok = jnp.sum(jnp.where(keys >= mid, weights, 0.0), axis=-1, keepdims=True) >= target
+        return jnp.where(ok, mid, low), jnp.where(ok, high, mid - 1)
+
+    low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return low
 
 
 def _check_settings(model, max_new_tokens, temperature, top_k, top_p) -> None:

@@ -5,8 +5,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
 
 from jaxalign.models import (
     CausalLM,
@@ -15,7 +18,13 @@ from jaxalign.models import (
     init_head_from_causal_lm,
     init_params,
 )
-from jaxalign.sampling import generate, make_generate, sample_token
+from jaxalign.sampling import (
+    _largest_threshold,
+    _order_keys,
+    generate,
+    make_generate,
+    sample_token,
+)
 
 CONFIG = get_config("tiny", scan_layers=False)
 NEW = 6
@@ -260,3 +269,44 @@ def test_bf16_sampler_logps_are_the_training_forward_logps(lm, prompts):
     expected = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(out.tokens)[..., None],
                                   -1)[..., 0]
     np.testing.assert_allclose(out.policy_logps, expected, atol=1e-5)
+
+
+_rows = hnp.arrays(np.float32, st.tuples(st.integers(1, 2), st.sampled_from([1, 2, 5, 33])),
+                   elements=st.floats(-30, 30, width=32, allow_subnormal=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_rows)
+def test_order_keys_sort_like_the_floats(x):
+    keys = np.asarray(_order_keys(jnp.asarray(x)))
+    less = x[..., :, None] < x[..., None, :]
+    np.testing.assert_array_equal(keys[..., :, None] < keys[..., None, :], less)
+    np.testing.assert_array_equal(keys[..., :, None] == keys[..., None, :],
+                                  x[..., :, None] == x[..., None, :])
+
+
+@settings(max_examples=60, deadline=None)
+@given(_rows, st.integers(1, 40))
+def test_top_k_threshold_keeps_the_k_largest_and_their_ties(x, k):
+    k = min(k, x.shape[1])
+    keys = _order_keys(jnp.asarray(x))
+    keep = np.asarray(keys >= _largest_threshold(keys, jnp.ones(x.shape), float(k)))
+    kth = np.sort(x, axis=-1)[:, -k][:, None]
+    np.testing.assert_array_equal(keep, x >= kth)  # Hugging Face's TopKLogitsWarper rule
+
+
+@settings(max_examples=60, deadline=None)
+@given(_rows, st.floats(0.05, 0.99))
+def test_top_p_threshold_keeps_the_smallest_nucleus(x, top_p):
+    probs = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-x, axis=-1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(probs, order, -1), -1)
+    assume(np.all(np.abs(cumulative - top_p) > 1e-4))  # float32 sums decide borderline sets
+    weights = jnp.asarray(np.exp(x - x.max(-1, keepdims=True)))
+    keys = _order_keys(jnp.asarray(x))
+    threshold = _largest_threshold(keys, weights, top_p * jnp.sum(weights, -1))
+    keep = np.asarray(keys >= threshold)
+    size = np.argmax(cumulative >= top_p, axis=-1)  # last index of the smallest prefix
+    boundary = np.take_along_axis(x, np.take_along_axis(order, size[:, None], -1), -1)
+    np.testing.assert_array_equal(keep, x >= boundary)  # that prefix, plus ties at its end
