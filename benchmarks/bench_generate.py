@@ -17,7 +17,8 @@ call minus the median call).
 The roofline row divides the FLOPs of one call (every matmul the sampler runs, attention over
 the whole preallocated cache included) by a measured 2048×2048 matmul rate in the same dtype.
 
-Usage: ``python benchmarks/bench_generate.py [--repeats 9] [--dtypes bfloat16,float32] [--json]``.
+Usage: ``python benchmarks/bench_generate.py [--repeats 9] [--dtypes bfloat16,float32]
+[--top-k K] [--top-p P] [--json]`` (the filters apply to both sides; off by default).
 """
 
 from __future__ import annotations
@@ -39,20 +40,21 @@ from jaxalign.sampling import generate
 _PAUSE_S = 0.05
 
 
-def _jax_runner(config, params, prompt_ids, prompt_mask, new_tokens):
+def _jax_runner(config, params, prompt_ids, prompt_mask, new_tokens, top_k=0, top_p=1.0):
     model = CausalLM(config)
 
     def run(seed: int) -> float:
         start = time.perf_counter()
         out = generate(model, params, prompt_ids, prompt_mask, jax.random.key(seed),
-                       max_new_tokens=new_tokens, temperature=1.0)
+                       max_new_tokens=new_tokens, temperature=1.0, top_k=top_k, top_p=top_p)
         jax.block_until_ready(out)
         return time.perf_counter() - start
 
     return run
 
 
-def _torch_runner(model, params, prompt_ids, prompt_mask, new_tokens, threads):
+def _torch_runner(model, params, prompt_ids, prompt_mask, new_tokens, threads, top_k=0,
+                  top_p=1.0):
     try:
         import torch
         import transformers
@@ -71,8 +73,8 @@ def _torch_runner(model, params, prompt_ids, prompt_mask, new_tokens, threads):
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf_model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=top_k,
+                top_p=top_p, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 pad_token_id=0, use_cache=True,
             )
         elapsed = time.perf_counter() - start
@@ -115,6 +117,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--dtypes", default="bfloat16,float32",
                         help="jaxalign compute dtypes; the first is the one in the JSON line")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k filter on both sides (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus filter on both sides")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -132,11 +136,11 @@ def main(argv=None) -> dict:
     for dtype in args.dtypes.split(","):
         config = get_config("bench", dtype=dtype)
         runners[f"jaxalign generate ({dtype})"] = _jax_runner(
-            config, params, prompt_ids, prompt_mask, args.new_tokens)
+            config, params, prompt_ids, prompt_mask, args.new_tokens, args.top_k, args.top_p)
         first[f"jaxalign generate ({dtype})"] = runners[f"jaxalign generate ({dtype})"](0)
     if not args.no_torch:
         torch_run = _torch_runner(CausalLM(base), params, prompt_ids, prompt_mask,
-                                  args.new_tokens, args.torch_threads)
+                                  args.new_tokens, args.torch_threads, args.top_k, args.top_p)
         if torch_run is not None:
             torch_run(0)  # warm-up
             runners["transformers generate (float32)"] = torch_run
@@ -159,15 +163,17 @@ def main(argv=None) -> dict:
         "compile_s": round(max(first[primary] - median[primary], 0.0), 3),
         "torch_tokens_per_s": round(new / median[torch_name], 1) if torch_name in median else None,
         "ratio_vs_torch": round(ratio[primary], 2) if ratio[primary] is not None else None,
-        "dtype": args.dtypes.split(",")[0],
+        "dtype": args.dtypes.split(",")[0], "top_k": args.top_k, "top_p": args.top_p,
     }
     if args.json:
         print(json.dumps(result))
         return result
 
     flops = generate_flops(base, args.batch, args.prompt_len, args.new_tokens)
+    filters = "".join([f", top_k {args.top_k}" if args.top_k else "",
+                       f", top_p {args.top_p}" if args.top_p < 1 else ""])
     print(f"bench config, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, temperature 1; median of {args.repeats} interleaved calls; "
+          f"tokens, temperature 1{filters}; median of {args.repeats} interleaved calls; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}; {flops / 1e9:.1f} GFLOP/call")
     print(f"{'implementation':<34}{'median s':>10}{'new tok/s':>11}{'vs torch':>10}"
           f"{'compile s':>11}")
