@@ -252,7 +252,7 @@ def _cast_matmul_weights(params: Any, dtype: Any) -> Any:
     The model casts exactly these to its compute dtype before each matmul, so casting them once
     before the decode loop changes no number. The embedding table (gathered, then used in
     float32), norm scales and scalar heads (float32 math) stay as they are, so the sampler's
-    forward pass is bit-for-bit the training forward pass.
+    forward pass rounds exactly what the training forward pass rounds.
     """
     def cast(path, leaf):
         name = getattr(path[-1], "key", None)
@@ -369,15 +369,17 @@ def generate(
       model: a :class:`~jaxalign.models.CausalLM` or ``CausalLMWithValueHead`` (anything with
         a ``decode(tokens, mask, cache) -> (logits [B, V], cache)`` method). A model with
         ``scan_layers`` decodes unrolled (its stacked weights are sliced once per call).
-      params: its unboxed parameters, float32 or the compute dtype (they are cast to the
-        compute dtype once per call, outside the decode loop).
+      params: its unboxed parameters, float32 or the compute dtype (the matmul weights are cast
+        to the compute dtype once per call, outside the decode loop; the embedding table and
+        norm scales stay as they are, as in the model's own forward pass).
       prompt_ids: ``[B, P]`` int token ids, left-padded (every row needs ≥ 1 real token).
       prompt_mask: ``[B, P]``, 0 on the left padding, 1 on prompt tokens.
       key: PRNG key; the same key gives the same samples.
       max_new_tokens: ``N``; ``P + N`` must not exceed ``model.config.max_len``.
       temperature: divides the logits; 0 means greedy.
-      top_k: keep the ``k`` most likely tokens (0 = off).
-      top_p: nucleus mass in ``(0, 1]`` (1 = off).
+      top_k: keep the ``k`` most likely tokens and any tied with the k-th (0 = off).
+      top_p: nucleus mass in ``(0, 1]`` (1 = off); applied after ``top_k``, to the renormalised
+        top-k distribution.
       eos_id: end-of-sequence id; a row stops after producing it (``None``: never stops).
       pad_id: written after EOS.
 
