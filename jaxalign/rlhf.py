@@ -197,11 +197,14 @@ def group_advantages(scores: jax.Array, group_size: int, estimator: str) -> jax.
 class CompiledRLHFStep:
     """``step(state, prompts, key) -> (state, metrics)`` (``(state, metrics, rollouts)`` with
     ``return_rollouts``), jitted on first call with the state's shardings (when a mesh is
-    given) and the state donated. ``.jitted`` is the jitted function."""
+    given) and the state donated. ``.jitted`` is the jitted function,
+    ``jitted(state, prompts, key, scorer)``: the scorer (a ``jax.tree_util.Partial``, or
+    ``None``) is an argument, so the arrays it carries are inputs, not compiled-in constants."""
 
-    def __init__(self, fn, state_shardings_fn, mesh: Mesh | None, return_rollouts: bool = False):
+    def __init__(self, fn, state_shardings_fn, mesh: Mesh | None, return_rollouts: bool = False,
+                 scorer: jax.tree_util.Partial | None = None):
         self._fn, self._state_shardings_fn, self._mesh = fn, state_shardings_fn, mesh
-        self._return_rollouts = return_rollouts
+        self._return_rollouts, self._scorer = return_rollouts, scorer
         self.jitted = None if mesh is not None else jax.jit(fn, donate_argnums=(0,))
 
     def __call__(self, state: RLHFState, prompts: dict, key: jax.Array):
@@ -210,11 +213,11 @@ class CompiledRLHFStep:
             repl = shd.replicated(self._mesh)
             self.jitted = jax.jit(
                 self._fn, donate_argnums=(0,),
-                in_shardings=(state_sh, shd.batch_sharding(self._mesh), repl),
+                in_shardings=(state_sh, shd.batch_sharding(self._mesh), repl, repl),
                 out_shardings=(state_sh, repl) + (
                     (shd.batch_sharding(self._mesh),) if self._return_rollouts else ()),
             )
-        return self.jitted(state, prompts, key)
+        return self.jitted(state, prompts, key, self._scorer)
 
 
 def make_rlhf_step(
@@ -243,9 +246,12 @@ def make_rlhf_step(
       scorer: optional pure ``(prompt_ids [B, P], prompt_mask [B, P], completion_ids [B, N],
         completion_mask [B, N]) -> [B]`` used instead of the reward model when the reward
         depends on the prompt (the protocol of :func:`jaxalign.best_of_n.best_of_n`'s scorers;
-        prompts are left-padded, each repeated ``samples_per_prompt`` times). Arrays a scorer
-        holds are compiled into the step as constants: a learned reward model belongs in
-        ``reward`` (its params live in the state, sharded and donated like the others).
+        prompts are left-padded, each repeated ``samples_per_prompt`` times). A
+        ``jax.tree_util.Partial`` scorer (e.g. :func:`jaxalign.best_of_n.reward_model_scorer`)
+        is passed to the compiled step as an argument, its arrays replicated on the mesh;
+        arrays any other callable closes over are compiled in as constants. A learned reward
+        model that only reads ``prompt + completion`` is better passed as ``reward`` (its
+        params then live in the state, sharded like the others).
       mesh: optional device mesh; the state is then laid out by
         :func:`rlhf_state_shardings` and prompts split over ``("data", "fsdp")``.
       return_rollouts: also return the iteration's samples, ``{"prompt_ids", "prompt_mask",
@@ -261,6 +267,8 @@ def make_rlhf_step(
         raise ValueError("pass exactly one of reward (a RewardModel), reward_fn and scorer")
     if reward_fn is not None:
         scorer = completion_scorer(reward_fn)
+    if scorer is not None and not isinstance(scorer, jax.tree_util.Partial):
+        scorer = jax.tree_util.Partial(scorer)
     if config.uses_critic and not config.shared_value_head and value is None:
         raise ValueError("advantage='gae' without shared_value_head needs a value model")
     if config.shared_value_head and not config.uses_critic:
@@ -298,7 +306,7 @@ def make_rlhf_step(
             return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    def step(state: RLHFState, prompts: dict, key: jax.Array):
+    def step(state: RLHFState, prompts: dict, key: jax.Array, scorer: Any = None):
         prompt_ids = jnp.repeat(jnp.asarray(prompts["prompt_ids"], jnp.int32), k, axis=0)
         prompt_mask = jnp.repeat(jnp.asarray(prompts["prompt_mask"], jnp.int32), k, axis=0)
         batch, prompt_len = prompt_ids.shape
@@ -444,7 +452,7 @@ def make_rlhf_step(
     def state_shardings(state: RLHFState):
         return rlhf_state_shardings(state, mesh, policy=policy, value=value, reward=reward)
 
-    return CompiledRLHFStep(step, state_shardings, mesh, return_rollouts)
+    return CompiledRLHFStep(step, state_shardings, mesh, return_rollouts, scorer)
 
 
 def rlhf_state_shardings(

@@ -134,6 +134,43 @@ def test_scorer_sees_the_prompt_and_matches_reward_fn():
         np.testing.assert_array_equal(via_fn[name], via_scorer[name], err_msg=name)
 
 
+@pytest.mark.parametrize("layout", [None, {"data": 2, "fsdp": 2}])
+def test_reward_model_scorer_equals_the_reward_model_and_is_an_argument(layout):
+    """scorer=reward_model_scorer(rm, params) gives the iteration reward=rm gives with those
+    params in the state (bit for bit on one device); its params enter the step as an argument (no constants),
+    so the jitted step's lowered program is as small as the reward-model path's."""
+    from jaxalign.best_of_n import reward_model_scorer
+
+    config = rlhf.RLHFConfig(max_new_tokens=8, advantage="rloo", samples_per_prompt=2)
+    mesh = None if layout is None else sharding.make_mesh(**layout, devices=jax.devices()[:4])
+
+    def run(use_scorer):
+        state, models, opt = _setup(config, with_reward_model=True)
+        rm, rm_params = models["reward"], state.reward_params
+        kwargs = ({"scorer": reward_model_scorer(rm, rm_params)} if use_scorer
+                  else {"reward": rm})
+        if use_scorer:
+            state = state.replace(reward_params=None)
+        step = rlhf.make_rlhf_step(models["policy"], None, kwargs.pop("reward", None), config,
+                                   policy_optimizer=opt, mesh=mesh, **kwargs)
+        prompts = _prompts()
+        if mesh is not None:
+            state = rlhf.shard_rlhf_state(state, mesh, policy=models["policy"],
+                                          reward=None if use_scorer else rm)
+            prompts = sharding.shard_batch(prompts, mesh)
+        metrics = jax.device_get(step(state, prompts, jax.random.key(0))[1])
+        return metrics, len(step.jitted.lower(state, prompts, jax.random.key(0),
+                                              step._scorer).as_text())
+
+    (via_reward, reward_hlo), (via_scorer, scorer_hlo) = run(False), run(True)
+    for name in via_reward:  # on the mesh the reward params are sharded in one, replicated in
+        # the other, so reductions may round differently
+        np.testing.assert_allclose(via_reward[name], via_scorer[name], err_msg=name,
+                                   rtol=0 if mesh is None else 1e-5,
+                                   atol=0 if mesh is None else 1e-6)
+    assert scorer_hlo < 1.1 * reward_hlo, (scorer_hlo, reward_hlo)  # constants: 1.24x here
+
+
 @pytest.mark.parametrize("layout", [None, {"data": 8}])
 def test_rollouts_are_the_scored_samples(layout):
     """return_rollouts hands back the iteration's own samples: their scores are the reward of
