@@ -37,5 +37,8 @@ def map_batches(
     outputs = []
     for index, start in enumerate(wrap(range(0, count, batch_size))):
         rows = np.arange(start, start + batch_size) % count
-        outputs.append(jax.device_get(fn(index, *(a[rows] for a in arrays))))
+        outputs.append(fn(index, *(a[rows] for a in arrays)))
+        if index:  # fetch the previous batch while this one runs: no idle device, no backlog
+            outputs[index - 1] = jax.device_get(outputs[index - 1])
+    outputs = jax.device_get(outputs)
     return jax.tree.map(lambda *leaves: np.concatenate(leaves)[:count], *outputs)

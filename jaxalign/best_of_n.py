@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -82,19 +81,8 @@ def completion_scorer(reward_fn: Callable[[jax.Array, jax.Array], jax.Array]) ->
     return score
 
 
-def _sampling_key(policy: Any, sampling: dict) -> tuple:
-    """Every option of :func:`make_generate` (defaults filled in) as a sorted tuple, so callers
-    that write the same settings differently share one compilation."""
-    options = inspect.signature(make_generate).bind(policy, **sampling)
-    options.apply_defaults()
-    del options.arguments["model"]
-    return tuple(sorted(options.arguments.items()))
-
-
 @functools.lru_cache(maxsize=16)
-def _make_best_of_n(policy, n, sampling: tuple):
-    generate = make_generate(policy, **dict(sampling))
-
+def _make_best_of_n(generate, n):
     @jax.jit
     def run(params, scorer, prompt_ids, prompt_mask, key):
         batch = prompt_ids.shape[0]
@@ -142,7 +130,7 @@ def best_of_n(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    run = _make_best_of_n(policy, n, _sampling_key(policy, sampling))
+    run = _make_best_of_n(make_generate(policy, **sampling), n)
     if not isinstance(scorer, jax.tree_util.Partial):
         scorer = jax.tree_util.Partial(scorer)
     return run(params, scorer, jnp.asarray(prompts["prompt_ids"], jnp.int32),

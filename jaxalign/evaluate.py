@@ -239,7 +239,7 @@ def sample_completions(
     batch is padded by repeating rows, so every call has the same shape (one compilation).
     Batch ``i`` uses ``fold_in(key, i)``.
     """
-    generate = make_generate(model, max_new_tokens=max_new_tokens, temperature=float(temperature),
+    generate = make_generate(model, max_new_tokens=max_new_tokens, temperature=temperature,
                              eos_id=eos_id, pad_id=pad_id)
     prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
 

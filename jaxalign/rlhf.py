@@ -204,8 +204,17 @@ class CompiledRLHFStep:
     def __init__(self, fn, state_shardings_fn, mesh: Mesh | None, return_rollouts: bool = False,
                  scorer: jax.tree_util.Partial | None = None):
         self._fn, self._state_shardings_fn, self._mesh = fn, state_shardings_fn, mesh
-        self._return_rollouts, self._scorer = return_rollouts, scorer
-        self.jitted = None if mesh is not None else jax.jit(fn, donate_argnums=(0,))
+        self._return_rollouts = return_rollouts
+        if mesh is None:
+            self.jitted = jax.jit(fn, donate_argnums=(0,))
+            self._scorer = jax.device_put(scorer)  # placed once, not transferred every step
+        else:
+            # Replicated once here; an argument placed elsewhere would be copied to every
+            # device on every call. Multi-process: through the host, as in shard_rlhf_state.
+            self.jitted = None
+            if jax.process_count() > 1:
+                scorer = jax.device_get(scorer)
+            self._scorer = jax.device_put(scorer, shd.replicated(mesh))
 
     def __call__(self, state: RLHFState, prompts: dict, key: jax.Array):
         if self.jitted is None:
@@ -274,8 +283,8 @@ def make_rlhf_step(
     if config.shared_value_head and not config.uses_critic:
         raise ValueError("shared_value_head needs advantage='gae'")
     generate = make_generate(
-        policy, max_new_tokens=config.max_new_tokens, temperature=float(config.temperature),
-        top_k=config.top_k, top_p=float(config.top_p), eos_id=config.eos_id, pad_id=config.pad_id,
+        policy, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        top_k=config.top_k, top_p=config.top_p, eos_id=config.eos_id, pad_id=config.pad_id,
     )
     temperature = config.temperature if config.temperature > 0 else 1.0
     controller = config.kl_controller()
@@ -286,10 +295,7 @@ def make_rlhf_step(
         # before the LM head, so no [B, T, V] logits are computed for the prompt (or copied).
         hidden, _ = module.trunk(ids, attn)
         hidden = hidden[:, prompt_len - 1:-1]
-        if module.config.tie_embeddings:
-            logits = module.trunk.attend(hidden)
-        else:
-            logits = module.lm_head(hidden)
+        logits = module.logits(hidden)
         values = module.value_head(hidden) if config.shared_value_head else None
         return logits, values
 

@@ -266,7 +266,6 @@ def _forward(model: nn.Module, params, tokens, mask, cache):
     return model.apply({"params": params}, tokens, mask, cache, method="decode")
 
 
-@functools.lru_cache(maxsize=64)
 def make_generate(
     model: nn.Module,
     *,
@@ -280,10 +279,18 @@ def make_generate(
     """Compile-once sampler: ``fn(params, prompt_ids, prompt_mask, key) -> GenerateOutput``.
 
     The returned function is ``jax.jit``-ed; calls with the same shapes never retrace. The
-    factory is memoised on its (hashable) arguments, so :func:`generate` shares compilations.
-    See :func:`generate` for the arguments.
+    factory is memoised on the settings, normalised (defaults filled in, ``1`` = ``1.0``), so
+    every caller that asks for the same sampler — :func:`generate` included — gets the same
+    function and shares its compilations. See :func:`generate` for the arguments.
     """
     _check_settings(model, max_new_tokens, temperature, top_k, top_p)
+    return _make_generate(model, max_new_tokens, float(temperature), top_k, float(top_p), eos_id,
+                          pad_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_generate(model, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
+    """:func:`make_generate` for normalised, positional settings (the memoised part)."""
     sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     num_new = max_new_tokens
 
@@ -394,15 +401,7 @@ def generate(
     """
     prompt_ids = jnp.asarray(prompt_ids)
     prompt_mask = jnp.asarray(prompt_mask)
-    _check_settings(model, max_new_tokens, temperature, top_k, top_p)
+    fn = make_generate(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, eos_id=eos_id, pad_id=pad_id)
     _check_prompts(model, prompt_ids, prompt_mask, max_new_tokens)
-    fn = make_generate(
-        model,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=top_k,
-        top_p=float(top_p),
-        eos_id=eos_id,
-        pad_id=pad_id,
-    )
     return fn(params, prompt_ids, prompt_mask, key)

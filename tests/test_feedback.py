@@ -13,6 +13,7 @@ from jaxalign import feedback, train
 from jaxalign.data import load_jsonl
 from jaxalign.losses import dpo_loss
 from jaxalign.models import CausalLM, RewardModel, get_config, init_params
+from jaxalign.sampling import make_generate
 from jaxalign.tokenizer import Tokenizer
 
 TEXTS = ["The movie was good.", "The movie was bad.", "Which response is better (A) or (B)?",
@@ -189,5 +190,5 @@ def test_reward_model_scorer_params_are_arguments_not_constants():
         np.testing.assert_allclose(np.asarray(out.scores).reshape(-1), direct, rtol=1e-5, atol=1e-6)
         outs.append(out)
     assert not np.allclose(outs[0].scores, outs[1].scores)
-    run = bon._make_best_of_n(model, 3, bon._sampling_key(model, {"max_new_tokens": 6}))
+    run = bon._make_best_of_n(make_generate(model, max_new_tokens=6), 3)
     assert run._cache_size() == 1
