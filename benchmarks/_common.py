@@ -44,19 +44,30 @@ def llama_config(cfg, **extra):
                        rope_theta=cfg.rope_theta, tie_word_embeddings=False, **extra)
 
 
+def forward_flops(cfg, tokens: int, context: int) -> float:
+    """Model FLOPs of a forward pass over ``tokens`` tokens attending to ``context`` positions:
+    2·N per token for the matmul weights (the LM head included; the embedding is a gather)
+    plus 4·L·context·d for the attention scores (QKᵀ and AV, the PaLM MFU convention)."""
+    hd = cfg.resolved_head_dim
+    per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
+    weights = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+    return tokens * (2 * weights + 4 * cfg.n_layers * context * cfg.n_heads * hd)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (``ru_maxrss``) in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def matmul_peak_gflops(repeats: int = 10, n: int = 2048) -> dict:
-    """Best float32 ``n x n`` matmul FLOP/s of this machine through XLA (the roofline's peak)."""
+def matmul_peak_gflops(repeats: int = 10, n: int = 2048, dtype: str = "float32") -> dict:
+    """Best ``n x n`` matmul FLOP/s of this machine through XLA (the roofline's peak), inputs in
+    ``dtype``, accumulated in float32."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

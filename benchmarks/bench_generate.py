@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import os
 import sys
 import tempfile
 import time
@@ -36,6 +37,9 @@ import numpy as np
 
 from jaxalign.models import CausalLM, TransformerConfig, get_config, init_params, save_hf
 from jaxalign.sampling import generate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import matmul_peak_gflops  # noqa: E402
 
 _PAUSE_S = 0.05
 
@@ -94,19 +98,6 @@ def generate_flops(config: TransformerConfig, batch: int, prompt_len: int, new: 
     queries = batch * (prompt_len + new - 1)
     lm_head = 2 * d * config.vocab_size * batch * new  # last prompt position + each step
     return queries * (per_token + attention_per_query) + lm_head
-
-
-def matmul_gflops(dtype) -> float:
-    """Best-of-5 GFLOP/s of a 2048×2048 matmul (float32 accumulation) in ``dtype``."""
-    a = jnp.ones((2048, 2048), dtype)
-    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
 
 
 def main(argv=None) -> dict:
@@ -183,7 +174,7 @@ def main(argv=None) -> dict:
         print(f"{name:<34}{median[name]:>10.3f}{new / median[name]:>11.0f}{vs_torch:>9.2f}x"
               f"{compile_s:>11}")
     for dtype in args.dtypes.split(","):
-        gflops = matmul_gflops(jnp.dtype(dtype))
+        gflops = matmul_peak_gflops(repeats=5, dtype=dtype)["gflops"]
         seconds = flops / (gflops * 1e9)
         print(f"{'roofline (' + dtype + ', ' + format(gflops, '.0f') + ' GFLOP/s)':<34}"
               f"{seconds:>10.3f}{new / seconds:>11.0f}")

@@ -20,7 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    bench_config, jax_bench_config, llama_config, matmul_peak_gflops, peak_rss_mb, spawn_worker,
+    bench_config, forward_flops as _forward_flops, jax_bench_config, llama_config,
+    matmul_peak_gflops, peak_rss_mb, spawn_worker,
 )
 
 BATCH, PROMPT, NEW = 16, 32, 64
@@ -29,12 +30,7 @@ THREADS = 2
 
 
 def forward_flops(tokens: int, context: int) -> float:
-    """2·N per token for the weights plus 4·L·context·d for attention scores."""
-    cfg = bench_config()
-    hd = cfg.resolved_head_dim
-    per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
-    weights = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
-    return tokens * (2 * weights + 4 * cfg.n_layers * context * cfg.n_heads * hd)
+    return _forward_flops(bench_config(), tokens, context)
 
 
 def iteration_flops() -> dict:

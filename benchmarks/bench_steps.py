@@ -26,29 +26,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    bench_config, jax_bench_config, llama_config, matmul_peak_gflops, peak_rss_mb, spawn_worker,
+    bench_config, forward_flops as _forward_flops, jax_bench_config, llama_config,
+    matmul_peak_gflops, peak_rss_mb, spawn_worker,
 )
 
 PAIRS, SEQ, PROMPT = 8, 128, 32
 THREADS = 2
 
 
-def _model_shape():
-    cfg = bench_config()
-    d, f, layers = cfg.d_model, cfg.d_ff, cfg.n_layers
-    hd = cfg.resolved_head_dim
-    per_layer = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + 3 * d * f
-    matmul_params = layers * per_layer + d * cfg.vocab_size  # lm head; embedding is a gather
-    return cfg, matmul_params
-
-
 def forward_flops(n_sequences: int) -> float:
-    """Model FLOPs of one forward pass: 2·N per token for the weights plus attention scores
-    (QKᵀ and AV, 2·2·T·d per token per layer, full T as in the PaLM MFU convention)."""
-    cfg, matmul_params = _model_shape()
-    tokens = n_sequences * SEQ
-    attention = 4 * cfg.n_layers * SEQ * cfg.n_heads * cfg.resolved_head_dim
-    return tokens * (2 * matmul_params + attention)
+    """Model FLOPs of one forward pass over ``n_sequences`` sequences of ``SEQ`` tokens."""
+    return _forward_flops(bench_config(), n_sequences * SEQ, SEQ)
 
 
 def step_flops(kind: str) -> float:
@@ -67,7 +55,7 @@ def step_flops(kind: str) -> float:
 def _batches(seed=0):
     import numpy as np
 
-    cfg, _ = _model_shape()
+    cfg = bench_config()
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, cfg.vocab_size, (2, PAIRS, SEQ)).astype(np.int32)
     attn = np.ones((PAIRS, SEQ), np.int32)
@@ -133,7 +121,7 @@ def worker_torch_dpo(steps: int) -> dict:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    cfg, _ = _model_shape()
+    cfg = bench_config()
     hf_cfg = llama_config(cfg)
     policy = LlamaForCausalLM(hf_cfg)
     ref = LlamaForCausalLM(hf_cfg)

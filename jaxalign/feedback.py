@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from jaxalign.batching import map_batches
+from jaxalign.data import DataConfig
 from jaxalign.models.heads import RewardModel
 
 DEFAULT_CONSTITUTION = (
@@ -120,8 +121,8 @@ def label_pairs(
     *,
     max_length: int = 256,
     batch_size: int = 16,
-    add_bos: bool = True,
-    add_eos: bool = True,
+    add_bos: bool = DataConfig.add_bos,
+    add_eos: bool = DataConfig.add_eos,
 ) -> np.ndarray:
     """``P(a ≻ b)`` for every pair, from a judge LM (or reward model), position-debiased.
 

@@ -45,17 +45,32 @@ def _setup(config, *, shared=False, with_reward_model=False, seed=0):
     return state, models, opt
 
 
-def _run(config, iterations, *, mesh=None, **setup_kwargs):
-    state, models, opt = _setup(config, **setup_kwargs)
-    reward_fn = None if setup_kwargs.get("with_reward_model") else count_target
+def _build(config, *, mesh=None, setup_kwargs=None, **step_kwargs):
+    """``(step, state, prompts)``: a fresh state (steps donate theirs), its step and the prompts,
+    placed on ``mesh``. The reward is the reward model with ``with_reward_model``, else
+    ``step_kwargs`` (default ``reward_fn=count_target``)."""
+    state, models, opt = _setup(config, **(setup_kwargs or {}))
+    if models["reward"] is None and not step_kwargs.keys() & {"reward_fn", "scorer"}:
+        step_kwargs["reward_fn"] = count_target
     step = rlhf.make_rlhf_step(
         models["policy"], models["value"], models["reward"], config, policy_optimizer=opt,
-        value_optimizer=opt if models["value"] is not None else None, reward_fn=reward_fn,
-        mesh=mesh)
+        value_optimizer=opt if models["value"] is not None else None, mesh=mesh, **step_kwargs)
     prompts = _prompts()
     if mesh is not None:
         state = rlhf.shard_rlhf_state(state, mesh, **models)
         prompts = sharding.shard_batch(prompts, mesh)
+    return step, state, prompts
+
+
+def _step_once(config, key, **build_kwargs):
+    """The outputs after the new state of one iteration: ``(metrics,)`` or ``(metrics,
+    rollouts)``, on the host."""
+    step, state, prompts = _build(config, **build_kwargs)
+    return jax.device_get(step(state, prompts, jax.random.key(key))[1:])
+
+
+def _run(config, iterations, *, mesh=None, **setup_kwargs):
+    step, state, prompts = _build(config, mesh=mesh, setup_kwargs=setup_kwargs)
     history = []
     for i in range(iterations):
         state, metrics = step(state, prompts, jax.random.key(100 + i))
@@ -118,10 +133,7 @@ def test_scorer_sees_the_prompt_and_matches_reward_fn():
     prompts = _prompts()
 
     def run(**reward):
-        state, models, opt = _setup(config)  # a fresh state each time: the step donates it
-        step = rlhf.make_rlhf_step(models["policy"], None, None, config, policy_optimizer=opt,
-                                   **reward)
-        return jax.device_get(step(state, prompts, jax.random.key(0))[1])
+        return _step_once(config, 0, **reward)[0]
 
     prompt_sum = lambda p_ids, p_mask, c_ids, c_mask: jnp.sum(p_ids * p_mask, axis=1) * 1.0  # noqa: E731
     metrics = run(scorer=prompt_sum)
@@ -144,20 +156,16 @@ def test_reward_model_scorer_equals_the_reward_model_and_is_an_argument(layout):
     config = rlhf.RLHFConfig(max_new_tokens=8, advantage="rloo", samples_per_prompt=2)
     mesh = None if layout is None else sharding.make_mesh(**layout, devices=jax.devices()[:4])
 
+    rm = RewardModel(CFG)
+    rm_params = init_params(rm, jax.random.key(2))  # the reward params _setup gives (seed + 2)
+
     def run(use_scorer):
-        state, models, opt = _setup(config, with_reward_model=True)
-        rm, rm_params = models["reward"], state.reward_params
-        kwargs = ({"scorer": reward_model_scorer(rm, rm_params)} if use_scorer
-                  else {"reward": rm})
         if use_scorer:
-            state = state.replace(reward_params=None)
-        step = rlhf.make_rlhf_step(models["policy"], None, kwargs.pop("reward", None), config,
-                                   policy_optimizer=opt, mesh=mesh, **kwargs)
-        prompts = _prompts()
-        if mesh is not None:
-            state = rlhf.shard_rlhf_state(state, mesh, policy=models["policy"],
-                                          reward=None if use_scorer else rm)
-            prompts = sharding.shard_batch(prompts, mesh)
+            step, state, prompts = _build(config, mesh=mesh,
+                                          scorer=reward_model_scorer(rm, rm_params))
+        else:
+            step, state, prompts = _build(config, mesh=mesh,
+                                          setup_kwargs={"with_reward_model": True})
         metrics = jax.device_get(step(state, prompts, jax.random.key(0))[1])
         return metrics, len(step.jitted.lower(state, prompts, jax.random.key(0),
                                               step._scorer).as_text())
@@ -179,15 +187,7 @@ def test_rollouts_are_the_scored_samples(layout):
     mesh = None if layout is None else sharding.make_mesh(**layout)
 
     def run(return_rollouts):
-        state, models, opt = _setup(config)
-        step = rlhf.make_rlhf_step(models["policy"], None, None, config, policy_optimizer=opt,
-                                   reward_fn=count_target, mesh=mesh,
-                                   return_rollouts=return_rollouts)
-        prompts = _prompts()
-        if mesh is not None:
-            state = rlhf.shard_rlhf_state(state, mesh, **models)
-            prompts = sharding.shard_batch(prompts, mesh)
-        return jax.device_get(step(state, prompts, jax.random.key(3))[1:])
+        return _step_once(config, 3, mesh=mesh, return_rollouts=return_rollouts)
 
     (metrics,) = run(False)
     metrics_r, rollouts = run(True)

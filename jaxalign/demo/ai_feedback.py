@@ -36,7 +36,6 @@ from jaxalign import feedback
 from jaxalign.best_of_n import best_of_n, best_of_n_kl, reward_model_scorer
 from jaxalign.demo import task
 from jaxalign.demo.align import run_evaluation, run_preference
-from jaxalign.demo.cache import load_params
 from jaxalign.demo.pipeline import Context, progress, read_jsonl
 from jaxalign.evaluate import summarize_rewards
 from jaxalign.models import RewardModel
@@ -48,8 +47,7 @@ RLAIF_RUN = "rlaif_dpo"
 
 def _judge(ctx: Context) -> tuple[RewardModel, Any]:
     """The demo's reward model (trained on the gold-labelled train pairs) and its parameters."""
-    return (RewardModel(ctx.model.config),
-            load_params(ctx.out / "reward_model" / "params.msgpack"))
+    return RewardModel(ctx.model.config), ctx.reward_params()
 
 
 def stage_best_of_n(ctx: Context, out: Path, *, baseline: list[float]) -> dict[str, Any]:
@@ -80,8 +78,7 @@ def stage_best_of_n(ctx: Context, out: Path, *, baseline: list[float]) -> dict[s
     for n in cfg.bon_n:
         best = np.argmax(scores[:, :n], axis=1)  # best of the first n samples
         texts = ctx.decode(tokens[rows, best], masks[rows, best])
-        finished = np.any((tokens[rows, best] == ctx.tokenizer.eos_id) & (masks[rows, best] > 0),
-                          axis=1)
+        finished = ctx.finished(tokens[rows, best], masks[rows, best])
         summary = summarize_rewards(task.gold_rewards(texts), baseline, seed=cfg.seed)
         summary["prompts"] = summary.pop("n")  # "n" is the number of samples here
         points.append({"n": n, **summary, "kl_closed_form": best_of_n_kl(n),

@@ -79,7 +79,7 @@ def stage_ppo(ctx: Context, out: Path, *, kl_coef: float, adaptive: bool) -> dic
             policy_optimizer=policy_opt, value_optimizer=value_opt), policy_opt, value_opt)
     step, policy_opt, value_opt = _COMPILED[key]
     state = init_rlhf_state(rlhf_config, ctx.sft_params(), policy_opt,
-                            reward_params=load_params(ctx.out / "reward_model" / "params.msgpack"),
+                            reward_params=ctx.reward_params(),
                             value_optimizer=value_opt)
     prompts = ctx.prompts("ppo_prompts")
     n = cfg.ppo_batch

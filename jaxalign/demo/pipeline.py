@@ -71,8 +71,16 @@ class Context:
     def decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
         return self.tokenizer.decode_batch(tokens, attention_mask=mask)
 
+    def finished(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``[N]`` bool: the completion ended with EOS (rather than hitting the length limit)."""
+        return np.any((tokens == self.tokenizer.eos_id) & (mask > 0), axis=1)
+
     def sft_params(self) -> Any:
         return load_params(self.out / "sft" / "params.msgpack")
+
+    def reward_params(self) -> Any:
+        """The reward model's (trained on the gold-labelled train pairs)."""
+        return load_params(self.out / "reward_model" / "params.msgpack")
 
     def sample(self, params: Any, prompts: dict[str, np.ndarray], key: jax.Array):
         cfg = self.config
@@ -170,7 +178,7 @@ def stage_preferences(ctx: Context, out: Path) -> dict[str, Any]:
     samples = []
     for index in progress(range(2), desc="preferences: sampling", unit="set"):
         sample = ctx.sample(params, prompts, jax.random.fold_in(key, index))
-        finished = np.any((sample.tokens == ctx.tokenizer.eos_id) & (sample.completion_mask > 0), 1)
+        finished = ctx.finished(sample.tokens, sample.completion_mask)
         samples.append((ctx.decode(sample.tokens, sample.completion_mask), finished))
     (texts_a, done_a), (texts_b, done_b) = samples
     gold_a, gold_b = task.gold_rewards(texts_a), task.gold_rewards(texts_b)
