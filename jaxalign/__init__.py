@@ -6,8 +6,8 @@ reductions and KL controllers. Models, sampling, training steps and data live in
 
 __version__ = "0.1.0"
 
-from jaxalign.advantages import gae
-from jaxalign.control import AdaptiveKLController, FixedKLController, KLControllerState
+from jaxalign.advantages import gae, group_advantages, kl_shaped_rewards
+from jaxalign.kl_control import AdaptiveKLController, FixedKLController, KLControllerState
 from jaxalign.logprobs import gather_logprobs, sequence_logprobs, token_logprobs
 from jaxalign.losses import (
     bradley_terry_loss,
@@ -16,6 +16,7 @@ from jaxalign.losses import (
     ipo_loss,
     kl_penalty,
     log1mexp,
+    log_odds,
     odds_ratio_loss,
     orpo_loss,
     ppo_clip_loss,
@@ -34,9 +35,12 @@ __all__ = [
     "entropy",
     "gae",
     "gather_logprobs",
+    "group_advantages",
     "ipo_loss",
     "kl_penalty",
+    "kl_shaped_rewards",
     "log1mexp",
+    "log_odds",
     "masked_mean",
     "masked_sum",
     "masked_var",

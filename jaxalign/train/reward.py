@@ -8,22 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxalign.losses import bradley_terry_loss
+from jaxalign.losses import bradley_terry_loss, ranking_pair_weights
 from jaxalign.train.state import TrainState, make_loss_step
-
-
-def ranking_pair_weights(ranks: jax.Array) -> jax.Array:
-    """Weights ``[B, K, K]`` turning a ranking of K responses into all ordered pairs.
-
-    ``w[b, i, j] = 1 / n_b`` when response ``i`` ranks strictly better than ``j`` (lower rank),
-    where ``n_b`` is the number of such pairs in ranking ``b``; tied responses form no pair. Each
-    ranking therefore counts once however many pairs it yields, as in InstructGPT (which
-    divides by ``C(K, 2)``, the pair count without ties). A ranking of all ties weighs 0.
-    """
-    ranks = jnp.asarray(ranks)
-    better = (ranks[:, :, None] < ranks[:, None, :]).astype(jnp.float32)
-    n_pairs = jnp.sum(better, axis=(1, 2), keepdims=True)
-    return better / jnp.maximum(n_pairs, 1.0)
 
 
 def _pair_rewards(model, params, batch):

@@ -1,5 +1,5 @@
-"""Losses against closed forms, float64 NumPy references written from the papers, and
-hypothesis properties."""
+"""Preference losses (``jaxalign/losses/preference.py``) against closed forms, float64 NumPy
+references written from the papers, and hypothesis properties."""
 
 import math
 
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import jaxalign as ja
+from jaxalign import losses
 from jaxalign import testing as jt
 
 
@@ -23,6 +25,12 @@ def np_log_sigmoid(x):
 def np_dpo(pc, pr, rc, rr, beta, eps=0.0):
     h = (np.float64(pc) - rc) - (np.float64(pr) - rr)
     return -(1 - eps) * np_log_sigmoid(beta * h) - eps * np_log_sigmoid(-beta * h)
+
+
+def np_log_odds(mean_logp):
+    # ℓ − log(1 − e^ℓ) written literally; float64 keeps ~9 digits even at ℓ = −1e−7.
+    mean_logp = np.asarray(mean_logp, np.float64)
+    return mean_logp - np.log(1.0 - np.exp(mean_logp))
 
 
 def np_orpo(chosen_mean_logp, rejected_mean_logp, chosen_nll, lam):
@@ -99,97 +107,53 @@ def test_log1mexp_is_accurate_at_both_ends():
     np.testing.assert_allclose(ja.log1mexp(x), expected, rtol=2e-6, atol=1e-30)
 
 
-def test_ppo_clip_closed_form():
-    old = jnp.zeros(4)
-    logps = jnp.log(jnp.array([1.5, 1.5, 0.5, 0.5]))
-    adv = jnp.array([1.0, -1.0, 1.0, -1.0])
-    # ratio 1.5, A>0: clipped at 1.2 → -1.2; A<0: min(-1.5, -1.2) = -1.5 → 1.5
-    # ratio 0.5, A>0: min(0.5, 0.8) = 0.5 → -0.5; A<0: min(-0.5, -0.8) = -0.8 → 0.8
-    np.testing.assert_allclose(ja.ppo_clip_loss(logps, old, adv), [-1.2, 1.5, -0.5, 0.8], rtol=1e-6)
-    dual = ja.ppo_clip_loss(jnp.log(jnp.array([5.0])), jnp.zeros(1), jnp.array([-1.0]), dual_clip=3.0)
-    np.testing.assert_allclose(dual, [3.0], rtol=1e-6)
+def test_log_odds_matches_float64_reference_from_near_zero_to_minus_1e4():
+    mean_logps = np.array([-1e-7, -1e-6, -1e-4, -1e-2, -0.5, -0.7, -1.0, -5.0, -30.0, -1e4],
+                          np.float32)
+    got = ja.log_odds(mean_logps)
+    assert got.dtype == jnp.float32 and got.shape == mean_logps.shape
+    np.testing.assert_allclose(got, np_log_odds(mean_logps), rtol=2e-6)
+    # ℓ at or above the cap −1e−7 (0 included) gives the capped, finite value, about −log 1e−7
+    capped = ja.log_odds(np.array([0.0, -1e-9], np.float32))
+    np.testing.assert_allclose(capped, np_log_odds(-1e-7), rtol=2e-6)
+    assert float(capped[0]) == pytest.approx(-math.log(1e-7), rel=1e-6)
 
 
-def test_ppo_clip_gradient_vanishes_outside_trust_region():
-    adv = jnp.array([1.0, -1.0])
-    grad = jax.grad(lambda lp: ja.ppo_clip_loss(lp, jnp.zeros(2), adv).sum())
-    g_out = grad(jnp.log(jnp.array([1.5, 0.5])))  # clipped on the side that helps: no gradient
-    np.testing.assert_allclose(g_out, 0.0, atol=1e-7)
-    g_in = grad(jnp.zeros(2))  # ratio 1: d/dlogp of -ρA = -A
-    np.testing.assert_allclose(g_in, -adv, rtol=1e-6)
-
-
-def test_value_loss_closed_form():
-    values, old, returns = jnp.array([1.0, 3.0]), jnp.array([0.0, 0.0]), jnp.array([0.0, 0.0])
-    np.testing.assert_allclose(ja.value_loss(values, old, returns), [0.5, 4.5])
-    # clip 0.5: clipped values 0.5, 0.5 → errors 0.25 → max(1, 0.25)=1, max(9, .25)=9
-    np.testing.assert_allclose(ja.value_loss(values, old, returns, clip_range=0.5), [0.5, 4.5])
-    returns = jnp.array([2.0, 4.0])  # clipped values 0.5 → (1.5)², (3.5)² larger than 1², 1²
-    np.testing.assert_allclose(ja.value_loss(values, old, returns, clip_range=0.5), [1.125, 6.125])
-
-
-def test_entropy_closed_forms():
-    uniform = jnp.zeros((3, 7))
-    np.testing.assert_allclose(ja.entropy(uniform), math.log(7), rtol=1e-6)
-    one_hot = jnp.array([[0.0, -jnp.inf, -jnp.inf]])
-    np.testing.assert_allclose(ja.entropy(one_hot), 0.0, atol=1e-7)
-    grads = jax.grad(lambda x: ja.entropy(x).sum())(jnp.array([[0.3, -jnp.inf, 1.0]]))
+def test_log_odds_gradients_are_finite_and_match_the_derivative():
+    # d/dℓ [ℓ − log(1 − e^ℓ)] = 1 / (1 − e^ℓ): ≈ 1/|ℓ| near 0, → 1 as ℓ → −∞.
+    mean_logps = jnp.array([-1e-6, -1e-4, -0.5, -1.0, -30.0, -1e4], jnp.float32)
+    grads = jax.grad(lambda x: ja.log_odds(x).sum())(mean_logps)
     assert np.isfinite(grads).all()
+    expected = 1.0 / -np.expm1(np.asarray(mean_logps, np.float64))
+    np.testing.assert_allclose(grads, expected, rtol=1e-3)
+    # above the cap the value is constant, so no gradient flows (and none is inf or nan)
+    capped = jax.grad(lambda x: ja.log_odds(x).sum())(jnp.array([0.0, -1e-9], jnp.float32))
+    np.testing.assert_array_equal(capped, 0.0)
 
 
-def test_kl_estimators_closed_forms():
-    logps = jnp.array([-1.0, -2.0])
-    ref = jnp.array([-2.0, -1.0])
-    r = np.array([-1.0, 1.0])  # ref - logps
-    np.testing.assert_allclose(ja.kl_penalty(logps, ref, estimator="k1"), -r)
-    np.testing.assert_allclose(ja.kl_penalty(logps, ref, estimator="k2"), 0.5 * r**2)
-    np.testing.assert_allclose(ja.kl_penalty(logps, ref, estimator="k3"), np.expm1(r) - r, rtol=1e-6)
-    np.testing.assert_allclose(ja.kl_penalty(logps, ref, estimator="abs"), np.abs(r))
-    with pytest.raises(ValueError, match="estimator must be one of"):
-        ja.kl_penalty(logps, ref, estimator="k4")
+def test_odds_ratio_loss_is_built_from_log_odds():
+    chosen = jnp.array([-0.1, -2.0, 0.0, -1e4])
+    rejected = jnp.array([-3.0, -0.2, -1e4, 0.0])
+    expected = -jax.nn.log_sigmoid(ja.log_odds(chosen) - ja.log_odds(rejected))
+    np.testing.assert_array_equal(ja.odds_ratio_loss(chosen, rejected), expected)
 
 
-def test_kl_estimators_are_unbiased_on_samples():
-    # π = softmax(a), π_ref = softmax(b): k1 and k3 averaged over samples from π → KL(π‖π_ref).
-    a, b = jnp.array([1.0, 0.0, -1.0, 0.5]), jnp.array([0.0, 0.5, 0.0, -0.5])
-    logp, logq = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
-    exact = float(jnp.sum(jnp.exp(logp) * (logp - logq)))
-    samples = jax.random.categorical(jax.random.key(0), a, shape=(200_000,))
-    for est in ("k1", "k3"):
-        mean = float(ja.kl_penalty(logp[samples], logq[samples], estimator=est).mean())
-        assert abs(mean - exact) < 0.01 * max(exact, 0.1), (est, mean, exact)
-
-
-def test_ppo_loss_combines_terms_with_documented_signs():
-    b, t = 2, 5
-    key = jax.random.split(jax.random.key(0), 6)
-    logps = -jax.random.uniform(key[0], (b, t))
-    old = logps + 0.1 * jax.random.normal(key[1], (b, t))
-    adv = jax.random.normal(key[2], (b, t))
-    values = jax.random.normal(key[3], (b, t))
-    old_values = values + 0.3 * jax.random.normal(key[4], (b, t))
-    returns = jax.random.normal(key[5], (b, t))
-    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    ents = jnp.full((b, t), 2.0)
-    loss, m = ja.ppo_loss(logps, old, adv, values, old_values, returns, mask, entropies=ents,
-                          vf_coef=0.5, ent_coef=0.01, value_clip=0.2)
-    pg = ja.masked_mean(ja.ppo_clip_loss(logps, old, adv), mask)
-    vf = ja.masked_mean(ja.value_loss(values, old_values, returns, clip_range=0.2), mask)
-    np.testing.assert_allclose(loss, pg + 0.5 * vf - 0.01 * 2.0, rtol=1e-6)
-    np.testing.assert_allclose(m["policy_loss"], pg, rtol=1e-6)
-    np.testing.assert_allclose(m["entropy"], 2.0, rtol=1e-6)
-    assert 0.0 <= float(m["clipfrac"]) <= 1.0 and float(m["approx_kl"]) >= 0.0
-    # entropy bonus lowers the loss: minimising −c2·H maximises entropy
-    loss_no_ent, _ = ja.ppo_loss(logps, old, adv, values, old_values, returns, mask, entropies=ents,
-                                 vf_coef=0.5, ent_coef=0.0, value_clip=0.2)
-    assert float(loss) < float(loss_no_ent)
+def test_ranking_pair_weights_sum_to_one_per_ranking_and_only_order_pairs():
+    ranks = jnp.array([[2, 0, 1, 3], [0, 0, 1, 1], [4, 4, 4, 4]])
+    weights = np.asarray(losses.ranking_pair_weights(ranks))
+    assert weights.shape == (3, 4, 4) and weights.dtype == np.float32
+    np.testing.assert_allclose(weights.sum(axis=(1, 2)), [1.0, 1.0, 0.0])
+    better = np.asarray(ranks)[:, :, None] < np.asarray(ranks)[:, None, :]
+    np.testing.assert_array_equal(weights > 0, better)
+    np.testing.assert_allclose(weights[0][better[0]], 1 / 6)  # 4 distinct ranks: C(4, 2) pairs
+    np.testing.assert_allclose(weights[1][better[1]], 1 / 4)  # two ties: 2·2 ordered pairs
 
 
 def test_shape_mismatch_errors_name_arguments():
     with pytest.raises(ValueError, match=r"policy_chosen_logps \(3,\).*ref_rejected_logps \(2,\)"):
         ja.dpo_loss(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), jnp.zeros(2))
-    with pytest.raises(ValueError, match="old_logps"):
-        ja.ppo_clip_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"chosen_logps \(2,\), rejected_logps \(3,\)"):
+        ja.odds_ratio_loss(jnp.zeros(2), jnp.zeros(3))
 
 
 # ---------------------------------------------------------------- hypothesis properties
@@ -239,6 +203,18 @@ def test_dpo_and_bt_decrease_in_the_margin(h, delta, eps):
     assert float(bt_hi[0]) <= float(bt_lo[0]) + 1e-6
 
 
+@given(hnp.arrays(np.int32, st.tuples(st.integers(1, 3), st.integers(2, 5)),
+                  elements=st.integers(0, 3)), st.randoms())
+def test_ranking_pair_weights_follow_a_permutation_of_the_responses(ranks, random):
+    perm = np.arange(ranks.shape[1])
+    random.shuffle(perm)
+    weights = np.asarray(losses.ranking_pair_weights(ranks))
+    permuted = np.asarray(losses.ranking_pair_weights(ranks[:, perm]))
+    np.testing.assert_array_equal(permuted, weights[:, perm][:, :, perm])
+    all_tied = (ranks == ranks[:, :1]).all(axis=1)
+    np.testing.assert_allclose(weights.sum(axis=(1, 2)), np.where(all_tied, 0.0, 1.0), rtol=1e-6)
+
+
 @given(st.lists(st.floats(-1e4, 0.0, width=32), min_size=4, max_size=4) | st.sampled_from(
     [[-1e4, -1e-7, -1e4, -1e-7], [-1e-7, -1e-7, -1e4, -1e4], [0.0, -1e4, 0.0, -1e4]]))
 def test_gradients_finite_at_extreme_logps(values):
@@ -247,10 +223,8 @@ def test_gradients_finite_at_extreme_logps(values):
         lambda a, b, c, d: ja.dpo_loss(a, b, c, d, beta=0.1, label_smoothing=0.1),
         lambda a, b, c, d: ja.ipo_loss(a, b, c, d, beta=0.1),
         lambda a, b, c, d: ja.orpo_loss(a, b, -a, lam=0.1),
+        lambda a, b, c, d: ja.log_odds(a) - ja.log_odds(b),
         lambda a, b, c, d: ja.bradley_terry_loss(a, b),
-        lambda a, b, c, d: ja.ppo_clip_loss(a, b, c - d),
-        lambda a, b, c, d: ja.kl_penalty(a, c, estimator="k3"),
-        lambda a, b, c, d: ja.kl_penalty(a, c, estimator="k2"),
     ):
         value, grads = jax.value_and_grad(lambda *xs: loss_fn(*xs).sum(), argnums=(0, 1, 2, 3))(*args)
         assert np.isfinite(value), values
@@ -268,10 +242,5 @@ def test_bf16_inputs_give_float32_results(batch):
     out = ja.orpo_loss(bf16["policy_chosen_logps"] / 100, bf16["policy_rejected_logps"] / 100,
                        -bf16["policy_chosen_logps"] / 100)
     assert out.dtype == jnp.float32 and np.isfinite(out).all()
+    assert ja.log_odds(bf16["policy_chosen_logps"] / 100).dtype == jnp.float32
     assert ja.bradley_terry_loss(bf16["policy_chosen_logps"], bf16["ref_chosen_logps"]).dtype == jnp.float32
-
-
-@given(jt.logits((3, 5)))
-def test_entropy_bounds(logits):
-    h = ja.entropy(logits)
-    assert (h >= -1e-6).all() and (h <= math.log(5) + 1e-5).all()
