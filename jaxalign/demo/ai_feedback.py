@@ -1,12 +1,12 @@
 """The demo's AI-feedback evaluation hooks: best-of-N reference points and an RLAIF variant.
 
 * ``best_of_n``: for every evaluation prompt, ``n`` completions from the SFT model, the one the
-  demo's learned reward model scores highest kept (:func:`jaxalign.best_of_n.best_of_n` with
-  :func:`~jaxalign.best_of_n.reward_model_scorer`: best-of-N alignment picks by the learned
+  demo's learned reward model scores highest kept (:func:`jaxalign.train.best_of_n.best_of_n` with
+  :func:`~jaxalign.train.scorers.reward_model_scorer`: best-of-N alignment picks by the learned
   reward; the gold reward only evaluates). Its gold reward and win rate vs SFT come from
   :func:`jaxalign.evaluate.summarize_rewards` against the same SFT baseline as every method.
   Its KL to SFT is not estimated: it is the analytic ``log n − (n − 1)/n``
-  (:func:`~jaxalign.best_of_n.best_of_n_kl`; Stiennon et al. 2020, arXiv:2009.01325, and
+  (:func:`~jaxalign.train.best_of_n.best_of_n_kl`; Stiennon et al. 2020, arXiv:2009.01325, and
   Beirami et al. 2024, arXiv:2401.01879, who show it is an upper bound on the true KL). One
   sampling pass at the largest ``n`` serves every ``n``: best-of-``n`` is the best of the first
   ``n`` of those i.i.d. samples, so it has exactly the best-of-``n`` distribution.
@@ -33,10 +33,11 @@ import numpy as np
 
 from jaxalign.batching import map_batches
 from jaxalign import feedback
-from jaxalign.best_of_n import best_of_n, best_of_n_kl, reward_model_scorer
+from jaxalign.train.best_of_n import best_of_n, best_of_n_kl
+from jaxalign.train.scorers import reward_model_scorer
 from jaxalign.demo import task
 from jaxalign.demo.align import run_evaluation, run_preference
-from jaxalign.demo.pipeline import Context, progress, read_jsonl
+from jaxalign.demo.context import Context, progress, read_jsonl
 from jaxalign.evaluate import summarize_rewards
 from jaxalign.models import RewardModel
 

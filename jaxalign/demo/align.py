@@ -19,10 +19,10 @@ import numpy as np
 from jaxalign.data import DataLoader
 from jaxalign.demo import task
 from jaxalign.demo.cache import load_params, save_params
-from jaxalign.demo.pipeline import Context, preference_dataset, progress
+from jaxalign.demo.context import Context, preference_dataset, progress
 from jaxalign.evaluate import evaluate_policy, mean_and_se
 from jaxalign.models import RewardModel, ValueModel
-from jaxalign.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
+from jaxalign.train.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
 from jaxalign.train import create_train_state, make_optimizer, make_preference_step
 
 __all__ = ["planned_runs", "run_alignment", "run_evaluation", "run_name", "run_preference",
@@ -122,7 +122,7 @@ def _preference_step(model: Any, loss: str, *, learning_rate: float, steps: int)
         optimizer = make_optimizer(learning_rate, total_steps=steps, warmup_steps=steps // 10)
 
         def step(state, batch, coef):
-            kwargs = {"lam": coef} if loss == "orpo" else {"beta": coef}
+            kwargs = {"orpo_lambda": coef} if loss == "orpo" else {"beta": coef}
             inner = make_preference_step(model, optimizer, loss=loss, jit=False, **kwargs)
             return inner(state, batch)
 
@@ -156,7 +156,7 @@ def stage_preference(ctx: Context, out: Path, *, loss: str, coef: float,
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}",
                             acc=f"{history[-1]['rewards/accuracies']:.2f}")
     save_params(state.params, out / "params.msgpack")
-    name = "lam" if loss == "orpo" else "beta"
+    name = "orpo_lambda" if loss == "orpo" else "beta"
     return {"hyperparameters": {name: coef, "lr": learning_rate, "steps": steps,
                                 "batch": cfg.pref_batch},
             "first": history[0], "final": history[-1]}
@@ -193,7 +193,7 @@ def planned_runs(ctx: Context) -> list[tuple[str, str, float, bool]]:
     runs = [("ppo", "ppo", cfg.ppo_kl_coef, True),
             (run_name("dpo", cfg.dpo_beta), "dpo", cfg.dpo_beta, True),
             ("ipo", "ipo", cfg.ipo_beta, True),
-            ("orpo", "orpo", cfg.orpo_lam, True)]
+            ("orpo", "orpo", cfg.orpo_lambda, True)]
     runs += [(run_name("dpo", b), "dpo", b, False) for b in cfg.dpo_sweep if b != cfg.dpo_beta]
     runs += [(run_name("ppo_fixed", b), "ppo_fixed", b, False) for b in cfg.ppo_sweep]
     return runs

@@ -54,7 +54,7 @@ class DemoConfig:
     dpo_beta: float = 0.1
     dpo_sweep: tuple[float, ...] = (0.03, 0.1, 0.3)
     ipo_beta: float = 0.5  # IPO margin 1/(2β) is per token (mean log-probs): 1 nat
-    orpo_lam: float = 5.0
+    orpo_lambda: float = 5.0
     orpo_lr: float = 3e-3  # no reference model: the learning rate is ORPO's only leash
     # evaluation
     eval_prompts: int = 512

@@ -1,6 +1,8 @@
 """Stages 1–4 of the demo (corpus, tokenizer, SFT, preference data, reward model) and the
-orchestration of the whole run. Stages 5–7 live in :mod:`jaxalign.demo.align`; the report in
-:mod:`jaxalign.demo.report`.
+orchestration of the whole run. Stages 5–7 live in :mod:`jaxalign.demo.align`, best-of-N and
+RLAIF in :mod:`jaxalign.demo.ai_feedback`, the report in :mod:`jaxalign.demo.report`; what the
+stages share (:class:`~jaxalign.demo.context.Context`, the progress bar, the JSONL readers) in
+:mod:`jaxalign.demo.context`.
 
 Every stage is a function ``stage(ctx, stage_dir) -> result`` run through
 :class:`~jaxalign.demo.cache.StageCache`, so a finished stage is skipped on the next run.
@@ -8,9 +10,6 @@ Every stage is a function ``stage(ctx, stage_dir) -> result`` run through
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,76 +17,18 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
-from jaxalign.data import DataConfig, DataLoader, load_jsonl
-from jaxalign.demo import task
-from jaxalign.demo.cache import StageCache, load_params, save_params
+from jaxalign.data import DataLoader, load_jsonl
+from jaxalign.demo import ai_feedback, align, report, task
+from jaxalign.demo.cache import StageCache, save_params
 from jaxalign.demo.config import DemoConfig
-from jaxalign.evaluate import sample_completions
+from jaxalign.demo.context import Context, preference_dataset, progress, read_jsonl
 from jaxalign.feedback import write_jsonl
 from jaxalign.models import (
     CausalLM, RewardModel, TransformerConfig, init_head_from_causal_lm, init_params,
 )
 from jaxalign.tokenizer import Tokenizer
 from jaxalign.train import create_train_state, make_optimizer, make_reward_step, make_sft_step
-
-
-def progress(iterable=None, **kwargs) -> tqdm:
-    """The demo's progress bar (stderr, refreshed at most once a second)."""
-    return tqdm(iterable, file=sys.stderr, mininterval=1.0, dynamic_ncols=True, **kwargs)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-@dataclasses.dataclass
-class Context:
-    """What later stages need from earlier ones (filled in as the run goes)."""
-
-    config: DemoConfig
-    cache: StageCache
-    tokenizer: Tokenizer | None = None
-    model: CausalLM | None = None
-
-    @property
-    def out(self) -> Path:
-        return self.cache.out
-
-    def data_config(self) -> DataConfig:
-        """Fixed shapes: every batch is ``[B, max_len]`` (prompts ``[B, prompt_len]``)."""
-        cfg = self.config
-        return DataConfig(max_length=cfg.max_len, max_prompt_length=cfg.prompt_len,
-                          pad_to_max=True)
-
-    def prompts(self, name: str) -> dict[str, np.ndarray]:
-        """All prompts of ``OUT/prompts/NAME.jsonl`` as one left-padded batch."""
-        dataset = load_jsonl(self.out / "prompts" / f"{name}.jsonl", self.tokenizer, kind="prompt",
-                             config=self.data_config())
-        return dataset.collate(np.arange(len(dataset)))
-
-    def decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-        return self.tokenizer.decode_batch(tokens, attention_mask=mask)
-
-    def finished(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """``[N]`` bool: the completion ended with EOS (rather than hitting the length limit)."""
-        return np.any((tokens == self.tokenizer.eos_id) & (mask > 0), axis=1)
-
-    def sft_params(self) -> Any:
-        return load_params(self.out / "sft" / "params.msgpack")
-
-    def reward_params(self) -> Any:
-        """The reward model's (trained on the gold-labelled train pairs)."""
-        return load_params(self.out / "reward_model" / "params.msgpack")
-
-    def sample(self, params: Any, prompts: dict[str, np.ndarray], key: jax.Array):
-        cfg = self.config
-        return sample_completions(
-            self.model, params, prompts["prompt_ids"], prompts["prompt_mask"], key,
-            max_new_tokens=cfg.max_new_tokens, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.padding_id, batch_size=cfg.gen_batch)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -209,12 +150,6 @@ def stage_preferences(ctx: Context, out: Path) -> dict[str, Any]:
             "sft_sample_gold_mean": float(np.mean(np.concatenate([gold_a, gold_b])))}
 
 
-def preference_dataset(ctx: Context, split: str, *, stage: str = "preferences"):
-    """``OUT/STAGE/SPLIT.jsonl`` (gold-labelled pairs, or ``rlaif_labels``) as a dataset."""
-    return load_jsonl(ctx.out / stage / f"{split}.jsonl", ctx.tokenizer,
-                      kind="preference", config=ctx.data_config())
-
-
 def stage_reward_model(ctx: Context, out: Path) -> dict[str, Any]:
     """Bradley–Terry reward model, trunk initialised from the SFT model."""
     cfg = ctx.config
@@ -255,8 +190,6 @@ def stage_reward_model(ctx: Context, out: Path) -> dict[str, Any]:
 def run_demo(config: DemoConfig, out: str | Path, *, log: Callable[[str], None] = print,
              start_time: float | None = None) -> dict[str, Any]:
     """Runs (or resumes) every stage under ``out`` and writes the report; returns it."""
-    from jaxalign.demo import ai_feedback, align, report
-
     start_time = time.perf_counter() if start_time is None else start_time
     cache = StageCache(out, log=log)
     ctx = Context(config=config, cache=cache)

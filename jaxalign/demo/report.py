@@ -131,7 +131,7 @@ def results_table(report: dict[str, Any]) -> list[str]:
     for name, entry in _result_rows(report):
         low, high = entry["win_rate_ci"]
         hyper = ", ".join(f"{k}={v}" for k, v in entry["hyperparameters"].items()
-                          if k in ("beta", "lam", "kl_coef_init", "kl_target"))
+                          if k in ("beta", "orpo_lambda", "kl_coef_init", "kl_target"))
         rows.append(f"{name:<9} {entry['gold_reward']:+8.3f} ± {entry['gold_reward_se']:5.3f} "
                     f"{entry['kl_to_sft']:8.3f} ± {entry['kl_to_sft_se']:5.3f} "
                     f"{entry['win_rate_vs_sft']:10.3f} [{low:.3f}, {high:.3f}]  {hyper}")
