@@ -1,4 +1,5 @@
-"""Advantage estimators over token-level rollouts: generalised advantage estimation (GAE)."""
+"""Advantage estimators over token-level rollouts: GAE, the critic-free group estimators
+(GRPO, RLOO) and the KL-shaped per-token rewards they start from."""
 
 from __future__ import annotations
 
@@ -68,3 +69,49 @@ def gae(
     advantages = advantages.T
     returns = jnp.where(valid, advantages + values, 0)
     return advantages, returns
+
+
+def group_advantages(scores: ArrayLike, group_size: int, estimator: str) -> jax.Array:
+    """Critic-free sequence advantages from ``scores [B·k]`` grouped ``k`` per prompt.
+
+    ``grpo``: ``(s − mean_g) / (std_g + 1e−6)`` with the unbiased group std (Shao et al. 2024,
+    arXiv:2402.03300); ``rloo``: ``s_i − mean_{j≠i} s_j`` (Ahmadian et al. 2024,
+    arXiv:2402.14740). Rows ``g·k … g·k + k − 1`` are the samples of prompt ``g``.
+
+    Args:
+      scores: ``[B·k]`` sequence rewards.
+      group_size: ``k ≥ 2`` samples per prompt.
+      estimator: ``"grpo"`` or ``"rloo"``.
+
+    Returns:
+      ``[B·k]`` advantages.
+    """
+    grouped = jnp.asarray(scores).reshape(-1, group_size)
+    mean = jnp.mean(grouped, axis=1, keepdims=True)
+    if estimator == "grpo":
+        std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
+        adv = (grouped - mean) / (std + 1e-6)
+    elif estimator == "rloo":
+        adv = (grouped - mean) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"estimator must be grpo or rloo, got {estimator!r}")
+    return adv.reshape(-1)
+
+
+def kl_shaped_rewards(scores: ArrayLike, kl: ArrayLike, completion_mask: ArrayLike, *,
+                      kl_coef: ArrayLike) -> jax.Array:
+    """Per-token rewards of RLHF: ``r_t = −β·KL_t``, plus the sequence score at the last
+    completion token (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022, eq. 2).
+
+    Args:
+      scores: ``[B]`` sequence scores (reward model or reward function).
+      kl: ``[B, T]`` per-token KL estimates, 0 at masked positions.
+      completion_mask: ``[B, T]`` right-padded, 1 on completion tokens.
+      kl_coef: β, a scalar.
+
+    Returns:
+      ``[B, T]`` float32 rewards (an empty completion puts its score at position 0).
+    """
+    lengths = jnp.sum(completion_mask, axis=1)
+    last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), jnp.shape(kl)[1], dtype=jnp.float32)
+    return -kl_coef * kl + last * jnp.asarray(scores)[:, None]

@@ -1,11 +1,11 @@
 """Orbax checkpoints of a train state (any pytree of arrays) plus JSON metadata.
 
-    ckpt = Checkpointer("runs/dpo/checkpoints", save_every=500, max_to_keep=3)
+    ckpt = Checkpointer("runs/dpo/checkpoints", max_to_keep=3)
     for step in range(1, num_steps + 1):
         state, metrics = train_step(state, next(loader))
-        if ckpt.should_save(step):
+        if step % 500 == 0:
             ckpt.save(step, state, metadata={"loader": loader.state(), "model_config": config_dict})
-    ckpt.save(num_steps, state, metadata=..., force=True)      # the final state (skipped if saved)
+    ckpt.save(num_steps, state, metadata=...)      # the final state (skipped if already saved)
 
     state, metadata = ckpt.restore(abstract_state, config=config_dict)   # latest step
 
@@ -139,23 +139,18 @@ def _abstract_leaf(leaf: Any) -> Any:
 
 
 class Checkpointer:
-    """Saves every `save_every` steps and at the end, keeps the last `max_to_keep`.
+    """Saves the steps it is given (the caller's loop decides when), keeps the last
+    `max_to_keep`.
 
     Args:
         directory: where step directories go (created if missing).
-        save_every: `should_save(step)` is true for positive multiples of this.
         max_to_keep: number of most recent checkpoints kept; None keeps all.
     """
 
-    def __init__(
-        self, directory: str | os.PathLike, *, save_every: int = 1000, max_to_keep: int | None = 3
-    ) -> None:
-        if save_every < 1:
-            raise ValueError(f"save_every must be positive, got {save_every}")
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3) -> None:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be positive or None, got {max_to_keep}")
         self.directory = os.path.abspath(os.fspath(directory))
-        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
@@ -177,26 +172,18 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None when there is none."""
         return self._manager.latest_step()
 
-    def should_save(self, step: int, *, final: bool = False) -> bool:
-        """True at positive multiples of `save_every` (or when `final`), unless already saved."""
-        if step in self._manager.all_steps():
-            return False
-        return final or (step > 0 and step % self.save_every == 0)
-
     # ---------------------------------------------------------------- save
-    def save(
-        self, step: int, state: Any, *, metadata: Mapping[str, Any] | None = None, force: bool = False
-    ) -> bool:
+    def save(self, step: int, state: Any, *, metadata: Mapping[str, Any] | None = None) -> bool:
         """Writes `state` and `metadata` as checkpoint `step`; returns whether it wrote.
 
         Args:
             step: the training step (the directory name).
             state: a pytree of arrays (jax or numpy; typed PRNG keys are fine).
             metadata: JSON-serialisable dict (loader position, model config, CLI args).
-            force: save even if `should_save(step)` is false (use it for the final step); a
-                step that already has a checkpoint is never written twice.
+
+        A step that already has a checkpoint is never written twice (returns False).
         """
-        if step in self._manager.all_steps() or not (force or self.should_save(step)):
+        if step in self._manager.all_steps():
             return False
         metadata = dict(metadata or {})
         try:

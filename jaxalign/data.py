@@ -42,17 +42,19 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from jaxalign.tokenizer import Tokenizer, apply_chat_template, pad_rows, render_completion
 
 __all__ = [
-    "DataConfig", "DataError", "DataLoader", "DataReport", "Dataset", "Example",
-    "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl",
+    "BadRecord", "DataConfig", "DataError", "DataLoader", "DataReport", "Dataset", "Example",
+    "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl", "read_records",
 ]
+
+T = TypeVar("T")
 
 RecordKind = Literal["preference", "ranking", "sft", "prompt"]
 _COMPLETION_FIELDS = {"preference": ("chosen", "rejected"), "sft": ("completion",), "prompt": ()}
@@ -62,8 +64,9 @@ class DataError(ValueError):
     """A bad record; the message is `"{path}:{line_no}: {reason}"` (1-based line numbers)."""
 
 
-class _BadRecord(Exception):
-    """Internal: a record's reason for being bad, before the location is attached."""
+class BadRecord(Exception):
+    """Why one record is bad, raised by a parser before :func:`read_records` attaches the
+    ``path:line`` (a :class:`DataError`, or a skip)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,22 +183,22 @@ def _text_field(value: Any, name: str) -> str | list:
     """Checks a text field (string or message list); returns it unchanged."""
     if isinstance(value, str):
         if not value.strip():
-            raise _BadRecord(f"field '{name}' is empty")
+            raise BadRecord(f"field '{name}' is empty")
     elif isinstance(value, list):
         if not value:
-            raise _BadRecord(f"field '{name}' is empty")
+            raise BadRecord(f"field '{name}' is empty")
         try:
             apply_chat_template(value)
         except ValueError as error:
-            raise _BadRecord(f"field '{name}': {error}") from None
+            raise BadRecord(f"field '{name}': {error}") from None
     else:
-        raise _BadRecord(f"field '{name}' must be a string or a list of messages, got {_json_type(value)}")
+        raise BadRecord(f"field '{name}' must be a string or a list of messages, got {_json_type(value)}")
     return value
 
 
 def _get(record: Mapping[str, Any], name: str) -> Any:
     if name not in record:
-        raise _BadRecord(f"missing field '{name}'")
+        raise BadRecord(f"missing field '{name}'")
     return record[name]
 
 
@@ -204,7 +207,7 @@ def _number(record: Mapping[str, Any], name: str, default: float, low: float, hi
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
     if not ok:
         bounds = "a finite number" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
-        raise _BadRecord(f"field '{name}' must be {bounds}, got {json.dumps(value)}")
+        raise BadRecord(f"field '{name}' must be {bounds}, got {json.dumps(value)}")
     return float(value)
 
 
@@ -236,46 +239,46 @@ class _Encoder:
             ids = ids[: max(room, 0)]
             self.truncated = True
         if not ids:
-            raise _BadRecord(f"'{name}' is empty after truncation (the prompt has {len(prompt_ids)} tokens,"
+            raise BadRecord(f"'{name}' is empty after truncation (the prompt has {len(prompt_ids)} tokens,"
                              f" max_length={self.config.max_length})")
         return np.asarray(ids, dtype=np.int32)
 
 
 def _parse(record: Any, kind: RecordKind, encoder: _Encoder, num_responses: int | None) -> Example:
-    """Validates and tokenises one decoded JSON value; raises `_BadRecord`."""
+    """Validates and tokenises one decoded JSON value; raises `BadRecord`."""
     if not isinstance(record, dict):
-        raise _BadRecord(f"record must be a JSON object, got {_json_type(record)}")
+        raise BadRecord(f"record must be a JSON object, got {_json_type(record)}")
     prompt = _text_field(_get(record, "prompt"), "prompt")
     if kind == "ranking":
         responses, ranking = _get(record, "responses"), _get(record, "ranking")
         if not isinstance(responses, list) or len(responses) < 2:
-            raise _BadRecord("field 'responses' must be a list of at least 2 responses")
+            raise BadRecord("field 'responses' must be a list of at least 2 responses")
         names = [f"responses[{i}]" for i in range(len(responses))]
         completions = [_text_field(value, name) for value, name in zip(responses, names)]
         if not isinstance(ranking, list) or not all(type(r) is int and r >= 0 for r in ranking):
-            raise _BadRecord("field 'ranking' must be a list of non-negative integers")
+            raise BadRecord("field 'ranking' must be a list of non-negative integers")
         if len(ranking) != len(responses):
-            raise _BadRecord(f"'ranking' has {len(ranking)} entries but 'responses' has {len(responses)}")
+            raise BadRecord(f"'ranking' has {len(ranking)} entries but 'responses' has {len(responses)}")
         if num_responses is not None and len(responses) != num_responses:
-            raise _BadRecord(f"expected {num_responses} responses (as in the first record),"
+            raise BadRecord(f"expected {num_responses} responses (as in the first record),"
                              f" got {len(responses)}")
     else:
         names = list(_COMPLETION_FIELDS[kind])
         completions = [_text_field(_get(record, name), name) for name in names]
         if kind == "preference" and completions[0] == completions[1]:
-            raise _BadRecord("'chosen' and 'rejected' are identical")
+            raise BadRecord("'chosen' and 'rejected' are identical")
     for value, name in zip(completions, names):
         if isinstance(value, list) != isinstance(prompt, list):
-            raise _BadRecord(f"fields 'prompt' and '{name}' mix plain text and message lists")
+            raise BadRecord(f"fields 'prompt' and '{name}' mix plain text and message lists")
         if isinstance(value, list) and value[0]["role"] != "assistant":
             role = value[0]["role"]
-            raise _BadRecord(f"field '{name}' must start with an assistant message, got role '{role}'")
+            raise BadRecord(f"field '{name}' must start with an assistant message, got role '{role}'")
     margin = _number(record, "margin", 0.0, -math.inf, math.inf) if kind == "preference" else 0.0
     p_chosen = _number(record, "p_chosen", 1.0, 0.0, 1.0) if kind == "preference" else 1.0
     prompt_ids = encoder.prompt(prompt)
     completion_ids = tuple(encoder.completion(prompt_ids, v, name) for v, name in zip(completions, names))
     if kind == "preference" and np.array_equal(completion_ids[0], completion_ids[1]):
-        raise _BadRecord("'chosen' and 'rejected' are identical after truncation to"
+        raise BadRecord("'chosen' and 'rejected' are identical after truncation to"
                          f" max_length={encoder.config.max_length}")
     ranks = tuple(record["ranking"]) if kind == "ranking" else ()
     return Example(prompt_ids, completion_ids, margin=margin, p_chosen=p_chosen, ranks=ranks)
@@ -341,26 +344,49 @@ _BLANK = object()
 
 
 def _read_json(raw_line: bytes) -> Any:
-    """The JSON value on one line, or `_BLANK` for a blank line; raises `_BadRecord`."""
+    """The JSON value on one line, or `_BLANK` for a blank line; raises `BadRecord`."""
     try:
         line = raw_line.decode("utf-8")
     except UnicodeDecodeError:
-        raise _BadRecord("line is not valid UTF-8") from None
+        raise BadRecord("line is not valid UTF-8") from None
     if not line.strip():
         return _BLANK
     try:
         return json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as error:
-        raise _BadRecord(f"invalid JSON ({error.msg} at column {error.colno})") from None
+        raise BadRecord(f"invalid JSON ({error.msg} at column {error.colno})") from None
 
 
 def _detect(record: Any) -> RecordKind:
     if not isinstance(record, dict):
-        raise _BadRecord(f"record must be a JSON object, got {_json_type(record)}")
+        raise BadRecord(f"record must be a JSON object, got {_json_type(record)}")
     try:
         return detect_kind(record)
     except ValueError as error:
-        raise _BadRecord(str(error)) from None
+        raise BadRecord(str(error)) from None
+
+
+def read_records(path: str | os.PathLike, parse: Callable[[Any], T], *,
+                 on_bad_record: str = "error") -> tuple[list[T], list[str]]:
+    """``(values, skipped)``: ``parse(record)`` of every JSON line of ``path`` (blank lines
+    ignored) and the ``"path:line: reason"`` of every line that is not UTF-8, not JSON, or that
+    ``parse`` rejects by raising :class:`BadRecord`. With ``on_bad_record="error"`` the first
+    such line raises :class:`DataError` instead. The one JSONL reader of every jaxalign file."""
+    path = os.fspath(path)
+    values, skipped = [], []
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            try:
+                record = _read_json(raw_line)
+                if record is not _BLANK:
+                    values.append(parse(record))
+                continue
+            except BadRecord as bad:
+                message = f"{path}:{line_no}: {bad}"
+            if on_bad_record == "error":
+                raise DataError(message) from None
+            skipped.append(message)
+    return values, skipped
 
 
 def load_jsonl(
@@ -387,33 +413,25 @@ def load_jsonl(
     if kind is not None and kind not in ("preference", "ranking", "sft", "prompt"):
         raise ValueError(f"unknown record kind {kind!r}")
     report = DataReport(path=path, kind=kind or "unknown")
-    examples: list[Example] = []
     encoder: _Encoder | None = None
     num_responses: int | None = None
-    with open(path, "rb") as f:
-        for line_no, raw_line in enumerate(f, start=1):
-            try:
-                record = _read_json(raw_line)
-                if record is _BLANK:
-                    continue
-                if kind is None:
-                    kind = report.kind = _detect(record)
-                if encoder is None:
-                    encoder = _Encoder(tokenizer, config, kind)
-                encoder.truncated = False
-                example = _parse(record, kind, encoder, num_responses)
-            except _BadRecord as bad:
-                message = f"{path}:{line_no}: {bad}"
-                if config.on_bad_record == "error":
-                    raise DataError(message) from None
-                report.num_skipped += 1
-                if len(report.skip_reasons) < DataReport.MAX_REASONS:
-                    report.skip_reasons.append(message)
-                continue
-            if kind == "ranking":
-                num_responses = len(example.completion_ids)
-            report.num_truncated += int(encoder.truncated)
-            examples.append(example)
+
+    def parse(record: Any) -> Example:
+        nonlocal kind, encoder, num_responses
+        if kind is None:
+            kind = report.kind = _detect(record)
+        if encoder is None:
+            encoder = _Encoder(tokenizer, config, kind)
+        encoder.truncated = False
+        example = _parse(record, kind, encoder, num_responses)
+        if kind == "ranking":
+            num_responses = len(example.completion_ids)
+        report.num_truncated += int(encoder.truncated)
+        return example
+
+    examples, skipped = read_records(path, parse, on_bad_record=config.on_bad_record)
+    report.num_skipped = len(skipped)
+    report.skip_reasons = skipped[:DataReport.MAX_REASONS]
     report.num_records = len(examples)
     if not examples:
         raise DataError(f"{path}: no usable records ({report.num_skipped} skipped)")

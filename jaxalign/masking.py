@@ -1,8 +1,8 @@
 """Masked reductions shared by every loss and estimator.
 
-Padding never contributes: every reduction here multiplies by the mask *and* replaces masked
-entries with zero first, so NaN or inf in padded positions cannot leak into a result or its
-gradient (``0 * nan`` is ``nan``; ``where(mask, x, 0)`` is not).
+Padding never contributes: every reduction here replaces masked entries with zero
+(``jnp.where(mask, x, 0)``) before it sums, rather than multiplying by the mask, so NaN or inf
+in padded positions cannot leak into a result or its gradient (``0 * nan`` is ``nan``).
 """
 
 from __future__ import annotations

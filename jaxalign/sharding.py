@@ -17,13 +17,16 @@ or on a multi-host TPU pod after :func:`jaxalign.distributed.initialize`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxalign.models import logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -108,8 +111,6 @@ def logical_shardings(
 
 def param_shardings(model: nn.Module, params: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> Any:
     """NamedShardings for ``model``'s (unboxed) ``params`` from its logical axis names."""
-    from jaxalign.models import logical_axes  # models depend on nothing here; avoid a cycle
-
     return logical_shardings(logical_axes(model), params, mesh, rules)
 
 
@@ -140,6 +141,52 @@ def shardings_like_params(tree: Any, params: Any, params_shardings: Any, mesh: M
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _optimizer_field(params_field: str) -> str:
+    """The optimiser-state field paired with a params field: ``params`` → ``opt_state``,
+    ``X_params`` → ``X_opt_state``."""
+    return "opt_state" if params_field == "params" else params_field[:-len("params")] + "opt_state"
+
+
+def state_shardings(state: Any, mesh: Mesh, models: Mapping[str, nn.Module | None],
+                    rules: Sequence = DEFAULT_RULES) -> Any:
+    """NamedShardings for every leaf of a training state (a ``flax.struct`` dataclass).
+
+    ``models`` maps each params field of ``state`` to the model whose logical axes lay it out
+    (e.g. ``{"params": model, "ref_params": model}`` for a ``TrainState``). The optimiser state
+    of a params field (``opt_state`` for ``params``, ``X_opt_state`` for ``X_params``) is laid
+    out like those params (:func:`shardings_like_params`); every other leaf is replicated.
+    A field that is ``None`` stays ``None``.
+    """
+    repl = replicated(mesh)
+    shardings = {f.name: jax.tree.map(lambda _: repl, getattr(state, f.name))
+                 for f in dataclasses.fields(state)}
+    for name, model in models.items():
+        params = getattr(state, name)
+        if params is None:
+            continue
+        if model is None:
+            raise ValueError(f"state field {name!r} holds params but no model lays them out")
+        shardings[name] = param_shardings(model, params, mesh, rules)
+        opt_name = _optimizer_field(name)
+        if getattr(state, opt_name, None) is not None:
+            shardings[opt_name] = shardings_like_params(getattr(state, opt_name), params,
+                                                        shardings[name], mesh)
+    return state.replace(**shardings)
+
+
+def shard_state(state: Any, mesh: Mesh, models: Mapping[str, nn.Module | None],
+                rules: Sequence = DEFAULT_RULES) -> Any:
+    """Places ``state`` on ``mesh`` with :func:`state_shardings`.
+
+    In a multi-process run every process passes the same values (same seed or the same
+    checkpoint); they go through host memory first, because ``device_put`` cannot move an
+    array committed to one local device onto a mesh that spans processes.
+    """
+    if jax.process_count() > 1:
+        state = jax.device_get(state)
+    return jax.device_put(state, state_shardings(state, mesh, models, rules))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -85,3 +85,21 @@ def test_masked_whiten_has_zero_mean_unit_variance(rollout):
     np.testing.assert_allclose(valid.mean(), 0.0, atol=1e-4)
     np.testing.assert_allclose(valid.var(ddof=1), 1.0, rtol=1e-3)
     assert (w[mask == 0] == 0).all()
+
+
+def test_group_advantages_closed_forms():
+    scores = jnp.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    rloo = ja.group_advantages(scores, 3, "rloo")
+    np.testing.assert_allclose(rloo[:3], [1 - 2.5, 2 - 2.0, 3 - 1.5], rtol=1e-6)
+    np.testing.assert_allclose(rloo[3:], 0.0, atol=1e-6)
+    grpo = ja.group_advantages(scores, 3, "grpo")
+    np.testing.assert_allclose(grpo[:3], [-1.0, 0.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(grpo[3:], 0.0, atol=1e-6)
+
+
+def test_kl_shaped_rewards_put_the_score_on_the_last_completion_token():
+    kl = jnp.array([[0.5, 1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    rewards = ja.kl_shaped_rewards(jnp.array([3.0, -1.0, 7.0]), kl, mask, kl_coef=0.1)
+    np.testing.assert_allclose(rewards, [[-0.05, -0.1, -0.2 + 3.0, 0.0], [-0.1 - 1.0, 0, 0, 0],
+                                         [7.0, 0, 0, 0]], rtol=1e-6)

@@ -46,10 +46,10 @@ def assert_trees_equal(a, b) -> None:
 def test_round_trip_state_and_metadata(tmp_path: Path) -> None:
     state = make_state(seed=3)
     metadata = {"loader": {"step": 30, "epoch": 1, "seed": 0}, "model_config": CONFIG, "args": ["--lr", "1e-3"]}
-    with Checkpointer(tmp_path / "ckpt", save_every=10) as ckpt:
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
         assert ckpt.latest_step() is None
         assert ckpt.save(30, state, metadata=metadata)
-    reopened = Checkpointer(tmp_path / "ckpt", save_every=10)
+    reopened = Checkpointer(tmp_path / "ckpt")
     assert reopened.latest_step() == 30
     restored, restored_metadata = reopened.restore(make_state(seed=0), config=CONFIG)
     assert_trees_equal(restored, state)
@@ -65,7 +65,7 @@ def test_restore_uses_target_sharding(tmp_path: Path) -> None:
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = {"w": jnp.arange(8.0)}
-    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt = Checkpointer(tmp_path)
     ckpt.save(1, state)
     target = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)}
     restored, metadata = ckpt.restore(target)
@@ -74,14 +74,11 @@ def test_restore_uses_target_sharding(tmp_path: Path) -> None:
 
 
 def test_save_schedule_and_keep_last_k(tmp_path: Path) -> None:
-    ckpt = Checkpointer(tmp_path, save_every=2, max_to_keep=2)
-    written = [step for step in range(0, 8) if ckpt.should_save(step) and ckpt.save(step, make_state(seed=step))]
-    assert written == [2, 4, 6]
+    ckpt = Checkpointer(tmp_path, max_to_keep=2)
+    assert all(ckpt.save(step, make_state(seed=step)) for step in (2, 4, 6))
     assert ckpt.all_steps() == [4, 6]
-    assert ckpt.should_save(7, final=True) and ckpt.save(7, make_state(seed=7), force=True)
-    assert not ckpt.save(7, make_state(), force=True)  # never written twice
-    assert not ckpt.should_save(7, final=True)
-    assert not ckpt.save(9, make_state())  # not on the schedule, not forced
+    assert ckpt.save(7, make_state(seed=7))
+    assert not ckpt.save(7, make_state())  # never written twice
     assert ckpt.all_steps() == [6, 7] and ckpt.latest_step() == 7
     restored, _ = ckpt.restore(make_state(), step=6)
     assert int(restored["step"]) == 6
@@ -91,12 +88,12 @@ def test_save_schedule_and_keep_last_k(tmp_path: Path) -> None:
 
 
 def test_partial_checkpoint_directory_is_ignored_and_cleaned(tmp_path: Path) -> None:
-    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt = Checkpointer(tmp_path)
     ckpt.save(2, make_state(seed=2), metadata={"ok": True})
     partial = tmp_path / "3.orbax-checkpoint-tmp-1732345678901234"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\x00" * 100)
-    reopened = Checkpointer(tmp_path, save_every=1)
+    reopened = Checkpointer(tmp_path)
     assert reopened.latest_step() == 2 and reopened.all_steps() == [2]
     restored, metadata = reopened.restore(make_state())
     assert int(restored["step"]) == 2 and metadata == {"ok": True}
@@ -119,7 +116,7 @@ CRASHING_SAVE = textwrap.dedent("""
         await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = crash_before_commit
-    ckpt = Checkpointer(sys.argv[1], save_every=1)
+    ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {"w": jnp.ones((64, 64))}, metadata={"step": 1})
     ckpt.save(2, {"w": jnp.zeros((64, 64))}, metadata={"step": 2})
     os._exit(0)
@@ -131,7 +128,7 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path) -> No
                             text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 17, result.stderr[-2000:]
     assert any(".orbax-checkpoint-tmp" in name for name in os.listdir(tmp_path))  # the partial save
-    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt = Checkpointer(tmp_path)
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
     restored, metadata = ckpt.restore({"w": jnp.zeros((64, 64))})
     np.testing.assert_array_equal(restored["w"], np.ones((64, 64)))
@@ -139,13 +136,13 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path) -> No
 
 
 def test_config_mismatch_names_fields(tmp_path: Path) -> None:
-    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt = Checkpointer(tmp_path)
     ckpt.save(1, make_state(d_model=256), metadata={"model_config": {**CONFIG, "d_model": 256}})
     with pytest.raises(CheckpointMismatchError) as error:
         ckpt.restore(make_state(d_model=128), config={**CONFIG, "d_model": 128})
     assert str(error.value) == "checkpoint was written with d_model=256 but the model has d_model=128"
     assert isinstance(error.value, ValueError)
-    without_config = Checkpointer(tmp_path / "other", save_every=1)
+    without_config = Checkpointer(tmp_path / "other")
     without_config.save(1, {"w": jnp.ones(2)}, metadata={"loader": {"step": 1}})
     with pytest.raises(CheckpointMismatchError, match="checkpoint 1 has no 'model_config' in its metadata"):
         without_config.restore({"w": jnp.ones(2)}, config=CONFIG)
@@ -171,7 +168,7 @@ def test_config_mismatches_text() -> None:
 
 
 def test_structure_mismatch_names_paths_and_shapes(tmp_path: Path) -> None:
-    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt = Checkpointer(tmp_path)
     ckpt.save(5, {"params": {"dense": {"kernel": jnp.ones((256, 4)), "bias": jnp.ones(4)}}, "step": jnp.int32(5)})
     target = {"params": {"dense": {"kernel": jnp.ones((128, 4)), "scale": jnp.ones(4)}}, "step": jnp.int32(0)}
     with pytest.raises(CheckpointMismatchError) as error:
@@ -185,11 +182,11 @@ def test_structure_mismatch_names_paths_and_shapes(tmp_path: Path) -> None:
 
 
 def test_errors_for_missing_checkpoint_and_bad_metadata(tmp_path: Path) -> None:
-    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt = Checkpointer(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         ckpt.restore({"w": jnp.ones(2)})
     with pytest.raises(TypeError, match="checkpoint metadata must be plain JSON"):
         ckpt.save(1, {"w": jnp.ones(2)}, metadata={"array": np.ones(2)})
     assert ckpt.all_steps() == []
-    with pytest.raises(ValueError, match="save_every must be positive"):
-        Checkpointer(tmp_path, save_every=0)
+    with pytest.raises(ValueError, match="max_to_keep must be positive or None"):
+        Checkpointer(tmp_path, max_to_keep=0)

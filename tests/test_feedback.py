@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import best_of_n as bon
+from jaxalign.train import best_of_n as bon
+from jaxalign.train import scorers
 from jaxalign import feedback, train
 from jaxalign.data import load_jsonl
 from jaxalign.losses import dpo_loss
@@ -130,7 +131,7 @@ def test_load_constitution(tmp_path):
 
 TARGET = 7
 CFG = get_config("tiny", vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_len=32)
-count_target = bon.completion_scorer(
+count_target = scorers.completion_scorer(
     lambda tokens, mask: jnp.sum((tokens == TARGET) * mask, axis=1).astype(jnp.float32))
 
 
@@ -179,7 +180,7 @@ def test_reward_model_scorer_params_are_arguments_not_constants():
     outs = []
     for seed in (1, 2):
         rm_params = init_params(rm, jax.random.key(seed))
-        out = bon.best_of_n(model, params, bon.reward_model_scorer(rm, rm_params), prompts, 3,
+        out = bon.best_of_n(model, params, scorers.reward_model_scorer(rm, rm_params), prompts, 3,
                             jax.random.key(5), max_new_tokens=6)
         ids = np.repeat(prompts["prompt_ids"], 3, axis=0)
         mask = np.repeat(prompts["prompt_mask"], 3, axis=0)

@@ -29,7 +29,7 @@ from jaxalign.models import (
     init_params,
     last_token_index,
     logical_axes,
-    value_params_from_lm,
+    value_params_from_reward_model,
 )
 from jaxalign.models.transformer import stack_layer_params, unstack_layer_params
 
@@ -78,7 +78,7 @@ def _pad(tokens, lengths, *, left: bool, pad_id: int = 0):
 
 
 def test_presets_and_replace():
-    bench = TransformerConfig.preset("bench")
+    bench = get_config("bench")
     assert (bench.vocab_size, bench.d_model, bench.n_layers, bench.n_heads) == (4096, 256, 4, 8)
     assert (bench.n_kv_heads, bench.d_ff, bench.tie_embeddings) == (4, 688, False)
     assert TINY.resolved_head_dim == 16 and TINY.group_size == 2
@@ -199,8 +199,11 @@ def test_value_and_reward_models(params, tokens):
     reward_params = init_head_from_causal_lm(reward_model, params, jax.random.key(6))
     assert set(reward_params) == {"trunk", "score_head"}
     assert reward_params["trunk"] is params["trunk"]
-    value_params = value_params_from_lm(params, jax.random.key(5), TINY)
+    value_params = init_head_from_causal_lm(value_model, params, jax.random.key(5))
     assert set(value_params) == {"trunk", "value_head"}
+    from_rm = value_params_from_reward_model(reward_params)
+    assert from_rm["trunk"] is params["trunk"]
+    assert from_rm["value_head"] is reward_params["score_head"]
     # The same head as a per-token value model gives the score at every position.
     per_token = _forward(value_model)(
         {"trunk": params["trunk"], "value_head": reward_params["score_head"]}, tokens)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import rlhf, sharding, train
+from jaxalign import sharding, train
+from jaxalign.train import rlhf
 from jaxalign.models import (CausalLM, CausalLMWithValueHead, RewardModel, ValueModel, get_config,
                              init_head_from_causal_lm, init_params)
 
@@ -101,16 +102,6 @@ def test_critic_free_estimators_learn(estimator):
     assert np.mean([h["score/mean"] for h in hist[-3:]]) > np.mean([h["score/mean"] for h in hist[:3]]) + 1.0
 
 
-def test_group_advantages_closed_forms():
-    scores = jnp.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
-    rloo = rlhf.group_advantages(scores, 3, "rloo")
-    np.testing.assert_allclose(rloo[:3], [1 - 2.5, 2 - 2.0, 3 - 1.5], rtol=1e-6)
-    np.testing.assert_allclose(rloo[3:], 0.0, atol=1e-6)
-    grpo = rlhf.group_advantages(scores, 3, "grpo")
-    np.testing.assert_allclose(grpo[:3], [-1.0, 0.0, 1.0], rtol=1e-5)
-    np.testing.assert_allclose(grpo[3:], 0.0, atol=1e-6)
-
-
 def test_shared_value_head_and_reward_model_paths_run():
     config = rlhf.RLHFConfig(max_new_tokens=8, shared_value_head=True, eos_id=1,
                              missing_eos_penalty=1.0)
@@ -127,7 +118,7 @@ def test_shared_value_head_and_reward_model_paths_run():
 def test_scorer_sees_the_prompt_and_matches_reward_fn():
     """A prompt-aware scorer gets the (repeated, left-padded) prompts; wrapping reward_fn as a
     scorer gives the same iteration bit for bit."""
-    from jaxalign.best_of_n import completion_scorer
+    from jaxalign.train.scorers import completion_scorer
 
     config = rlhf.RLHFConfig(max_new_tokens=8, advantage="rloo", samples_per_prompt=2)
     prompts = _prompts()
@@ -151,7 +142,7 @@ def test_reward_model_scorer_equals_the_reward_model_and_is_an_argument(layout):
     """scorer=reward_model_scorer(rm, params) gives the iteration reward=rm gives with those
     params in the state (bit for bit on one device); its params enter the step as an argument (no constants),
     so the jitted step's lowered program is as small as the reward-model path's."""
-    from jaxalign.best_of_n import reward_model_scorer
+    from jaxalign.train.scorers import reward_model_scorer
 
     config = rlhf.RLHFConfig(max_new_tokens=8, advantage="rloo", samples_per_prompt=2)
     mesh = None if layout is None else sharding.make_mesh(**layout, devices=jax.devices()[:4])
@@ -168,7 +159,7 @@ def test_reward_model_scorer_equals_the_reward_model_and_is_an_argument(layout):
                                           setup_kwargs={"with_reward_model": True})
         metrics = jax.device_get(step(state, prompts, jax.random.key(0))[1])
         return metrics, len(step.jitted.lower(state, prompts, jax.random.key(0),
-                                              step._scorer).as_text())
+                                              *step.bound).as_text())
 
     (via_reward, reward_hlo), (via_scorer, scorer_hlo) = run(False), run(True)
     for name in via_reward:  # on the mesh the reward params are sharded in one, replicated in

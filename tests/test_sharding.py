@@ -133,7 +133,8 @@ _WORKER = textwrap.dedent("""
     if nproc > 1:
         distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
     import jax.numpy as jnp, numpy as np
-    from jaxalign import rlhf, sharding, train
+    from jaxalign import sharding, train
+    from jaxalign.train import rlhf
     from jaxalign.models import CausalLM, ValueModel, get_config, init_params
     cfg = get_config("tiny", vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
                      d_ff=64, max_len=32)

@@ -74,7 +74,7 @@ def test_sft_loss_falls_and_step_compiles_once(lm_params):
     assert hist[-1]["nll"] < 0.5 * hist[0]["nll"], (hist[0]["nll"], hist[-1]["nll"])
     np.testing.assert_allclose(hist[0]["nll"], math.log(CFG.vocab_size), rtol=0.1)
     assert int(state.step) == 30
-    assert step._cache_size() == 1
+    assert step.jitted._cache_size() == 1
 
 
 def test_sft_include_prompt_counts_more_tokens(lm_params):
@@ -117,7 +117,7 @@ def test_precomputed_reference_equals_in_step_reference(lm_params):
 @pytest.mark.parametrize("loss", ["ipo", "orpo"])
 def test_ipo_and_orpo_learn_the_preference(lm_params, loss):
     opt = train.make_optimizer(3e-3, total_steps=25)
-    step = train.make_preference_step(CausalLM(CFG), opt, loss=loss, beta=0.5, lam=0.5)
+    step = train.make_preference_step(CausalLM(CFG), opt, loss=loss, beta=0.5, orpo_lambda=0.5)
     state = train.create_train_state(lm_params, opt, jax.random.key(1), ref_params=lm_params)
     state, hist = _run(step, state, _pref_batch(), 25)
     # ORPO's loss is dominated by the chosen NLL, which falls more slowly than the pair term

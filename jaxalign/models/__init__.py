@@ -11,7 +11,7 @@ from jaxalign.models.heads import (
     init_params,
     last_token_index,
     logical_axes,
-    value_params_from_lm,
+    value_params_from_reward_model,
 )
 from jaxalign.models.hf import load_hf, save_hf
 from jaxalign.models.transformer import (
@@ -46,5 +46,5 @@ __all__ = [
     "save_hf",
     "stack_layer_params",
     "unstack_layer_params",
-    "value_params_from_lm",
+    "value_params_from_reward_model",
 ]

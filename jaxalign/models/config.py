@@ -105,11 +105,6 @@ class TransformerConfig:
         """Query heads per key/value head, ``G = H / Hkv``."""
         return self.n_heads // self.n_kv_heads
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
-        """A named preset (see :data:`PRESETS`) with optional field overrides."""
-        return get_config(name, **overrides)
-
 
 PRESETS: dict[str, TransformerConfig] = {
     # Unit tests: compiles in a second or two.

@@ -222,6 +222,8 @@ def causal_lm_params(params: Any) -> Any:
     return {name: tree for name, tree in params.items() if name not in heads}
 
 
-def value_params_from_lm(lm_params: Any, key: jax.Array, config: TransformerConfig) -> Any:
-    """``init_head_from_causal_lm(ValueModel(config), lm_params, key)``."""
-    return init_head_from_causal_lm(ValueModel(config), lm_params, key)
+def value_params_from_reward_model(reward_params: Any) -> Any:
+    """:class:`ValueModel` parameters that start from a :class:`RewardModel`'s (its trunk, and
+    its score head as the per-token value head), as InstructGPT initialises the critic."""
+    return {"trunk": reward_params["trunk"],
+            ValueModel.head_name: reward_params[RewardModel.head_name]}

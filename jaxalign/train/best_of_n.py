@@ -8,7 +8,6 @@ alignment baseline whose KL to the sampling policy is known in closed form
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple
@@ -49,38 +48,6 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-@dataclasses.dataclass(frozen=True)
-class _RewardModelScore:
-    """``(params, prompt_ids, prompt_mask, completion, completion_mask) -> [B]``: the reward
-    model's score of ``concat(prompt, completion)`` at its last token. Equal models compare
-    equal, so one compilation serves every parameter value."""
-
-    model: Any
-
-    def __call__(self, params, prompt_ids, prompt_mask, completion, completion_mask):
-        ids = jnp.concatenate([prompt_ids, completion], axis=1)
-        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-        return self.model.apply({"params": params}, ids, mask)
-
-
-def reward_model_scorer(model: Any, params: Any) -> jax.tree_util.Partial:
-    """A scorer from a ``RewardModel``: scores ``concat(prompt, completion)`` at its last token.
-
-    The scorer is a :class:`jax.tree_util.Partial` whose leaves are ``params``: it crosses
-    ``jax.jit`` as an argument, so the weights are neither baked into the compiled program as
-    constants nor a reason to recompile when they change.
-    """
-    return jax.tree_util.Partial(_RewardModelScore(model), params)
-
-
-def completion_scorer(reward_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable:
-    """A scorer from a pure ``reward_fn(completion_ids, completion_mask) -> [B]``."""
-    def score(prompt_ids, prompt_mask, completion, completion_mask):
-        del prompt_ids, prompt_mask
-        return reward_fn(completion, completion_mask)
-    return score
-
-
 @functools.lru_cache(maxsize=16)
 def _make_best_of_n(generate, n):
     @jax.jit
@@ -114,8 +81,9 @@ def best_of_n(
     Args:
       policy: a ``CausalLM``; ``params`` its parameters.
       scorer: ``scorer(prompt_ids, prompt_mask, completion_ids, completion_mask) -> [B·n]``;
-        build one with :func:`reward_model_scorer` or :func:`completion_scorer`. A
-        :class:`jax.tree_util.Partial` (what :func:`reward_model_scorer` returns) is passed
+        build one with :func:`jaxalign.train.scorers.reward_model_scorer` or
+        :func:`~jaxalign.train.scorers.completion_scorer`. A
+        :class:`jax.tree_util.Partial` (what ``reward_model_scorer`` returns) is passed
         into the compiled function as an argument, its arrays as inputs; any other callable
         keys the compilation by identity (keep one object per reward), and arrays it closes
         over are compiled in as constants.

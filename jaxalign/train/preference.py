@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.logprobs import sequence_logprobs
-from jaxalign.losses import dpo_loss, ipo_loss, orpo_loss
+from jaxalign.losses import dpo_loss, ipo_loss, log_odds, orpo_loss
 from jaxalign.train.state import TrainState, make_loss_step
 
 PreferenceLoss = Literal["dpo", "ipo", "orpo"]
@@ -70,7 +70,7 @@ def preference_loss(
     loss: PreferenceLoss = "dpo",
     beta: float = 0.1,
     label_smoothing: float = 0.0,
-    lam: float = 0.1,
+    orpo_lambda: float = 0.1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean DPO / IPO / ORPO loss over a preference batch, with TRL's metric names.
 
@@ -82,7 +82,7 @@ def preference_loss(
       ``(loss, metrics)`` with ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
       ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (and ``nll``,
       ``log_odds_ratio`` for ORPO). Rewards are ``β·(log π − log π_ref)`` for DPO/IPO and
-      ``β·log π`` (``β = lam``) for ORPO, as TRL logs them.
+      ``β·log π`` (``β = orpo_lambda``) for ORPO, as TRL logs them.
     """
     if loss not in PREFERENCE_LOSSES:
         raise ValueError(f"loss must be one of {PREFERENCE_LOSSES}, got {loss!r}")
@@ -91,12 +91,10 @@ def preference_loss(
     metrics = {"logps/chosen": jnp.mean(chosen), "logps/rejected": jnp.mean(rejected)}
 
     if loss == "orpo":
-        per_pair = orpo_loss(chosen, rejected, -chosen, lam=lam)
-        chosen_rewards, rejected_rewards = lam * chosen, lam * rejected
-        log_odds = (chosen - jnp.log(-jnp.expm1(jnp.minimum(chosen, -1e-7)))) - (
-            rejected - jnp.log(-jnp.expm1(jnp.minimum(rejected, -1e-7))))
+        per_pair = orpo_loss(chosen, rejected, -chosen, lam=orpo_lambda)
+        chosen_rewards, rejected_rewards = orpo_lambda * chosen, orpo_lambda * rejected
         metrics["nll"] = jnp.mean(-chosen)
-        metrics["log_odds_ratio"] = jnp.mean(log_odds)
+        metrics["log_odds_ratio"] = jnp.mean(log_odds(chosen) - log_odds(rejected))
     else:
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -135,7 +133,7 @@ def make_preference_step(
     loss: PreferenceLoss = "dpo",
     beta: float = 0.1,
     label_smoothing: float = 0.0,
-    lam: float = 0.1,
+    orpo_lambda: float = 0.1,
     axis_name: str | None = None,
     jit: bool = True,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -158,7 +156,7 @@ def make_preference_step(
 
     def loss_fn(params, state, batch):
         return preference_loss(model, params, batch, state.ref_params, loss=loss, beta=beta,
-                               label_smoothing=label_smoothing, lam=lam)
+                               label_smoothing=label_smoothing, orpo_lambda=orpo_lambda)
 
     return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit,
                           prepare_batch=add_reference_logps)

@@ -1,7 +1,9 @@
-"""Training state and the optimiser every compiled step uses.
+"""Training state, and the one way a step is built and compiled.
 
 A :class:`TrainState` is a pytree (params, optimiser state, step, PRNG key, and optionally frozen
 reference params), so it can be jitted over, donated, sharded and checkpointed as one object.
+:func:`make_loss_step` turns a loss into ``step(state, batch) -> (state, metrics)``;
+:func:`compile_step` jits every step (this one and the RLHF iteration) with the state donated.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
 
-# apply_if_finite gives up skipping after this many consecutive non-finite updates; we never
-# want a poisoned update applied, so the limit is effectively infinite.
-_NEVER_APPLY_NONFINITE = 2**30
-
+from jaxalign import sharding as shd
+from jaxalign.train.optim import nonfinite_count
 
 @flax.struct.dataclass
 class TrainState:
@@ -62,92 +63,6 @@ def create_train_state(
     )
 
 
-def make_optimizer(
-    learning_rate: float = 1e-4,
-    *,
-    total_steps: int = 1000,
-    warmup_steps: int = 0,
-    end_lr_ratio: float = 0.0,
-    weight_decay: float = 0.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    max_grad_norm: float | None = 1.0,
-    grad_accum_steps: int = 1,
-    skip_nonfinite: bool = True,
-) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay, global-norm clipping, accumulation, and
-    non-finite updates skipped.
-
-    The chain, outermost first: ``apply_if_finite`` (a step whose gradients contain NaN or inf
-    leaves params and moments untouched and is counted in ``opt_state.total_notfinite``) →
-    ``MultiSteps`` (``grad_accum_steps`` micro-batches averaged per update) → clip by global
-    norm → AdamW on the warmup-cosine schedule (decaying to ``end_lr_ratio × learning_rate``).
-
-    Args:
-      learning_rate: peak learning rate.
-      total_steps: optimiser updates in the schedule (after accumulation).
-      warmup_steps: linear warmup updates from 0 to the peak.
-      end_lr_ratio: final learning rate as a fraction of the peak.
-      weight_decay: decoupled weight decay.
-      b1, b2, eps: Adam moments.
-      max_grad_norm: global-norm clip, or ``None``.
-      grad_accum_steps: micro-batches per update.
-      skip_nonfinite: wrap in ``optax.apply_if_finite``.
-    """
-    if total_steps < 1 or warmup_steps < 0 or grad_accum_steps < 1:
-        raise ValueError(
-            f"need total_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1; got "
-            f"total_steps={total_steps}, warmup_steps={warmup_steps}, "
-            f"grad_accum_steps={grad_accum_steps}"
-        )
-    schedule = learning_rate_schedule(
-        learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
-        end_lr_ratio=end_lr_ratio,
-    )
-    parts = []
-    if max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    optimizer = optax.chain(*parts)
-    if grad_accum_steps > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=grad_accum_steps)
-    if skip_nonfinite:
-        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER_APPLY_NONFINITE)
-    return optimizer
-
-
-def learning_rate_schedule(
-    learning_rate: float, *, total_steps: int, warmup_steps: int = 0, end_lr_ratio: float = 0.0
-) -> optax.Schedule:
-    """Linear warmup to ``learning_rate`` then cosine decay to ``end_lr_ratio × learning_rate``."""
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else learning_rate,
-        peak_value=learning_rate,
-        warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=learning_rate * end_lr_ratio,
-    )
-
-
-def optimizer_schedule(
-    learning_rate: float, *, total_steps: int, warmup_steps: int = 0, end_lr_ratio: float = 0.0,
-    **other_optimizer_options: Any,
-) -> optax.Schedule:
-    """The schedule ``make_optimizer(**options)`` follows, from the same keyword arguments (for
-    logging the learning rate; options that do not shape the schedule are ignored)."""
-    del other_optimizer_options
-    return learning_rate_schedule(learning_rate, total_steps=total_steps,
-                                  warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio)
-
-
-def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
-    """Total updates skipped for non-finite gradients (0 if the optimiser does not skip)."""
-    total = getattr(opt_state, "total_notfinite", None)
-    return jnp.zeros((), jnp.int32) if total is None else jnp.asarray(total, jnp.int32)
-
-
 def apply_gradients(
     state: TrainState,
     grads: Any,
@@ -171,19 +86,52 @@ def apply_gradients(
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
-def compile_step(
-    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]],
-    *,
-    in_shardings: Any = None,
-    out_shardings: Any = None,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``jax.jit`` with the state donated (its buffers are reused for the new state)."""
-    kwargs = {}
-    if in_shardings is not None:
-        kwargs["in_shardings"] = in_shardings
-    if out_shardings is not None:
-        kwargs["out_shardings"] = out_shardings
-    return jax.jit(step_fn, donate_argnums=(0,), **kwargs)
+class CompiledStep:
+    """``step(state, *args) -> outputs``: ``jax.jit`` of a step function with the state donated
+    (its buffers are reused for the new state), the one way every jaxalign step compiles.
+
+    Without a mesh the step follows its inputs' placement. With one, it is compiled on the
+    first call with ``in_shardings``/``out_shardings``: the state's from
+    ``state_shardings(state)`` (see :func:`jaxalign.sharding.state_shardings`), each further
+    argument's and output's from ``args``/``outputs`` (``"batch"``: leading axis split over
+    ``data × fsdp``; ``"replicated"``). ``bound`` arguments are appended to every call,
+    placed once (replicated on the mesh): arrays a step needs that are not in its state, passed
+    as inputs rather than compiled in as constants (``.bound``, placed). ``.jitted`` is the
+    jitted function: ``jitted(state, *args, *bound)``.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, mesh: Mesh | None = None,
+                 state_shardings: Callable[[Any], Any] | None = None,
+                 args: tuple[str, ...] = ("batch",), outputs: tuple[str, ...] = ("replicated",),
+                 bound: tuple[Any, ...] = ()):
+        if mesh is not None and state_shardings is None:
+            raise ValueError("a step compiled for a mesh needs state_shardings")
+        self._fn, self._mesh, self._state_shardings = fn, mesh, state_shardings
+        self._args, self._outputs = args, outputs
+        self.jitted = jax.jit(fn, donate_argnums=(0,)) if mesh is None else None
+        if mesh is not None and jax.process_count() > 1:
+            bound = jax.device_get(bound)  # through the host, as in sharding.shard_state
+        self.bound = jax.device_put(bound, None if mesh is None else shd.replicated(mesh))
+
+    def _sharding(self, kind: str) -> NamedSharding:
+        if kind not in ("batch", "replicated"):
+            raise ValueError(f"a step argument is 'batch' or 'replicated', got {kind!r}")
+        return (shd.batch_sharding if kind == "batch" else shd.replicated)(self._mesh)
+
+    def __call__(self, state: Any, *args: Any) -> Any:
+        if self.jitted is None:
+            state_sh = self._state_shardings(state)
+            in_sh = (state_sh, *map(self._sharding, self._args))
+            in_sh += (shd.replicated(self._mesh),) * len(self.bound)
+            self.jitted = jax.jit(self._fn, donate_argnums=(0,), in_shardings=in_sh,
+                                  out_shardings=(state_sh, *map(self._sharding, self._outputs)))
+        return self.jitted(state, *args, *self.bound)
+
+
+def compile_step(fn: Callable[..., Any], **options: Any) -> CompiledStep:
+    """:class:`CompiledStep` ``(fn, **options)``: jitted with the state donated, and with
+    in/out shardings on a ``mesh``."""
+    return CompiledStep(fn, **options)
 
 
 def make_loss_step(
