@@ -5,6 +5,7 @@ Training runs are shared through module-scoped fixtures (each compile costs seco
 one run per command, plus an interrupted-and-resumed IPO run compared with the uninterrupted one.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign import cli, runner
+from jaxalign import cli
+from jaxalign.cli import run_dir
+from jaxalign.cli import train as runner
 from jaxalign.models import load_hf, save_hf
 from jaxalign.tokenizer import Tokenizer
 
@@ -161,7 +164,7 @@ def test_each_command_trains_and_its_loss_falls(runs, kind):
 def test_final_model_round_trips_and_init_from_reuses_the_trunk(runs, data, tmp_path):
     sft_out = runs("sft").out
     assert (sft_out / "tokenizer" / "tokenizer.json").is_file()  # trained on the data file
-    model, params, info = runner.load_final(sft_out)
+    model, params, info = run_dir.load_final(sft_out)
     tokenizer = Tokenizer.from_file(sft_out / "final" / "tokenizer")
     assert model.config.vocab_size == tokenizer.vocab_size == info["model_config"]["vocab_size"]
     config = cli.make_config({"data": str(data["pref"]), "out": str(tmp_path),
@@ -170,7 +173,7 @@ def test_final_model_round_trips_and_init_from_reuses_the_trunk(runs, data, tmp_
     assert type(rm_model).__name__ == "RewardModel" and "score_head" in rm_params
     jax.tree.map(np.testing.assert_array_equal, rm_params["trunk"], params["trunk"])
     # and the rm run started from it: its config is the SFT run's, its loss fell (see above)
-    assert runner.load_final(runs("rm").out)[0].config == model.config
+    assert run_dir.load_final(runs("rm").out)[0].config == model.config
 
 
 def test_skip_prints_the_report_and_the_bar_shows_loss_and_tokens_per_s(runs, data):
@@ -205,7 +208,7 @@ def _hf_implemented(tmp_path, model, params):
 
 def test_hf_model_dir_in_and_export_hf_out(runs, data, tmp_path):
     sft_out = runs("sft").out
-    model, params, _ = runner.load_final(sft_out)
+    model, params, _ = run_dir.load_final(sft_out)
     if not _hf_implemented(tmp_path, model, params):
         pytest.skip("jaxalign.models.save_hf/load_hf are not implemented yet")
     hf_in = tmp_path / "hf_in"
@@ -220,7 +223,7 @@ def test_hf_model_dir_in_and_export_hf_out(runs, data, tmp_path):
     assert cli.main(flags) == 0
     assert _metrics(out)[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-4)
     exported_model, exported = load_hf(out / "hf")
-    _, final_params, _ = runner.load_final(out)
+    _, final_params, _ = run_dir.load_final(out)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), exported, final_params)
     assert (out / "hf" / "tokenizer.json").is_file()
     hf_config = json.loads((out / "hf" / "config.json").read_text())
@@ -341,9 +344,23 @@ def test_help_documents_every_option_with_its_default(capsys):
             cli.main([kind, "--help"])
         assert exit_info.value.code == 0
         text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-        for field in cli.config_class(kind).__dataclass_fields__.values():
-            if field.metadata["commands"] is None or kind in field.metadata["commands"]:
-                assert "--" + field.name.replace("_", "-") in text, (kind, field.name)
+        for field in dataclasses.fields(cli.config_class(kind)):
+            embedded = field.metadata.get("embed")  # a library config: its fields are options
+            if embedded is not None:
+                names = [f.name for f in dataclasses.fields(embedded)
+                         if f.name not in field.metadata["exclude"]]
+            elif field.metadata["commands"] is None or kind in field.metadata["commands"]:
+                names = [field.name]
+            else:
+                names = []
+            for name in names:
+                assert "--" + name.replace("_", "-") + " " in text, (kind, name)
+        if kind in cli.COMMANDS and kind != "label":
+            assert "--warmup-steps N linear warmup updates" in text  # OptimizerConfig's help
+        if kind == "ppo":  # RLHFConfig's fields, help and defaults
+            assert "--gae-lambda X GAE lambda (default: 0.95)" in text
+            assert "none: beta stays fixed (default: None)" in text
+            assert "--kl-estimator {k1,k2,k3,abs}" in text and "--eos-id" not in text
         assert "--config FILE.yaml" in text
         if kind in (*cli.TRAIN_COMMANDS, "ppo"):
             assert "--steps N" in text and "(default: 100)" in text

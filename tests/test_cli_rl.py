@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign import cli, runner
+from jaxalign import cli, train
+from jaxalign.cli import run_dir
 from test_cli import WORDS, _metrics, _Tee, _write_jsonl, data, runs  # noqa: F401  (fixtures)
 
 PPO_STEPS = 16
@@ -65,8 +66,8 @@ def test_ppo_raises_the_reward_and_logs_the_rlhf_metrics(ppo_run, runs):
     assert f"jaxalign ppo: {PPO_STEPS} iterations (to {PPO_STEPS}/{PPO_STEPS})" in ppo_run.stdout
     assert (out / "checkpoints" / str(PPO_STEPS)).is_dir() and any((out / "tb").iterdir())
     # the final policy is a causal LM like the SFT one it started from, with other weights
-    model, params, info = runner.load_final(out)
-    sft_model, sft_params, _ = runner.load_final(runs("sft").out)
+    model, params, info = run_dir.load_final(out)
+    sft_model, sft_params, _ = run_dir.load_final(runs("sft").out)
     assert info["model_type"] == "causal_lm" and info["kind"] == "ppo"
     assert model.config == sft_model.config
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, sft_params)
@@ -85,8 +86,8 @@ def test_ppo_resume_gives_the_uninterrupted_metrics(ppo_run, runs, prompts, tmp_
     assert not [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]
     assert _metrics(out) == _metrics(ppo_run.out)  # exactly equal floats, line by line
     assert json.loads((out / "summary.json").read_text())["start_step"] == RESUME_AT
-    jax.tree.map(np.testing.assert_array_equal, runner.load_final(out)[1],
-                 runner.load_final(ppo_run.out)[1])
+    jax.tree.map(np.testing.assert_array_equal, run_dir.load_final(out)[1],
+                 run_dir.load_final(ppo_run.out)[1])
 
 
 def test_ppo_on_a_data_parallel_mesh_matches_one_device(ppo_run, runs, prompts, tmp_path):
@@ -125,11 +126,14 @@ def test_ppo_options_parse_from_flags_and_config_file(tmp_path):
     command, config = cli.parse_args(["ppo", "--config", str(path), "--kl-target", "none",
                                       "--samples-per-prompt", "4", "--mesh", "data=4,fsdp=2"])
     assert command == "ppo" and type(config).__name__ == "PPOConfig"
-    assert (config.steps, config.kl_target, config.value_clip) == (7, None, None)
-    assert (config.advantage, config.samples_per_prompt) == ("grpo", 4)
+    assert (config.steps, config.rlhf.kl_target, config.rlhf.value_clip) == (7, None, None)
+    assert (config.rlhf.advantage, config.rlhf.samples_per_prompt) == ("grpo", 4)
     assert config.mesh == "data=4,fsdp=2"
     rlhf = config.rlhf_config(eos_id=2, pad_id=0)
-    assert rlhf.kl_controller().__class__.__name__ == "FixedKLController"
+    assert (rlhf.eos_id, rlhf.pad_id, rlhf.kl_target) == (2, 0, None)
+    assert type(train.kl_controller(rlhf)).__name__ == "FixedKLController"
+    # the CLI's defaults are the library's: one definition of every RLHF setting
+    assert cli.make_config({}, command="ppo").rlhf == train.RLHFConfig()
     with pytest.raises(cli.ConfigError, match="unknown config key 'beta'"):
         cli.make_config({"beta": 0.1}, command="ppo")
 
@@ -147,9 +151,9 @@ def test_rs_logs_the_reward_per_round_and_saves_a_loadable_policy(runs, prompts,
         assert set(m) == {"step", "score/mean", "score/best", "loss", "lr"}
         assert m["score/mean"] == pytest.approx(entry["mean_score"])
         assert m["score/best"] >= m["score/mean"]  # the kept sample is the best of n
-    model, params, info = runner.load_final(out)
+    model, params, info = run_dir.load_final(out)
     assert info["kind"] == "rs" and info["model_type"] == "causal_lm"
-    sft_params = runner.load_final(runs("sft").out)[1]
+    sft_params = run_dir.load_final(runs("sft").out)[1]
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, sft_params)
     assert max(jax.tree.leaves(moved)) > 1e-3
     assert summary == json.loads((out / "summary.json").read_text())

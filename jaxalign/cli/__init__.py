@@ -9,16 +9,18 @@
     jaxalign rs --prompts p.jsonl --policy runs/sft --reward runs/rm --n 8 --rounds 3 --out runs/rs
     jaxalign label --judge runs/sft --pairs pairs.jsonl --constitution cai.yaml --out labels.jsonl
 
-Every option is a field of the command's config dataclass (:class:`TrainConfig` for the five
-training commands; :class:`~jaxalign.rl_options.PPOConfig`, ``RSConfig``, ``LabelConfig``).
+Every option is a field of the command's config dataclass in :mod:`jaxalign.cli.configs`
+(:class:`~jaxalign.cli.configs.TrainConfig` for the five training commands; ``PPOConfig``,
+``RSConfig``, ``LabelConfig``), or of a library config they embed (``OptimizerConfig``,
+``RLHFConfig``).
 Values come from its defaults, then the ``--config`` file (YAML read with ``yaml.safe_load``, or
 JSON; keys are field names, ``-`` or ``_``), then the flags actually given on the command line.
 Unknown keys are an error naming the key. Nothing is ever unpickled.
 
 The same run from Python, without argparse: ``run_training("dpo", {"data": ..., "out": ...})``
-returns the summary dict. The runs themselves (:func:`jaxalign.runner.train`,
-:func:`jaxalign.run_ppo.ppo`, :func:`jaxalign.run_rs.rs`, :func:`jaxalign.run_label.label`) are
-imported only when a run starts (``--help`` does not load Orbax, Flax or TensorBoard).
+returns the summary dict. The runs themselves (:func:`jaxalign.cli.train.train`,
+:func:`jaxalign.cli.ppo.ppo`, :func:`jaxalign.cli.rs.rs`, :func:`jaxalign.cli.label.label`) are
+imported only when a run starts (``--help`` does not load Orbax or TensorBoard).
 
 Exit status: 0 done; 2 bad data (``file:line: reason`` on stderr), bad options or config file,
 or a checkpoint that does not fit the model (the message names the field).
@@ -27,16 +29,12 @@ or a checkpoint that does not fit the model (the message names the field).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxalign.options import (
-    ConfigError, OptimizerOptions, add_options, checked, load_config_file, option,
-)
-from jaxalign.rl_options import LabelConfig, PPOConfig, RSConfig
+from jaxalign.cli.configs import LabelConfig, PPOConfig, RSConfig, TrainConfig
+from jaxalign.cli.options import ConfigError, add_options, build, checked, load_config_file
 
 __all__ = [
     "COMMANDS", "ConfigError", "TRAIN_COMMANDS", "TrainConfig", "build_parser", "config_class",
@@ -57,104 +55,15 @@ COMMANDS = {
           " SFT on the best, in rounds",
     "label": "label response pairs with a judge model (AI feedback) into soft preference JSONL",
 }
-# command -> (config class, "module:function" of its run, imported when the run starts)
-_RUNS = {
-    **{command: (None, "jaxalign.runner:train") for command in TRAIN_COMMANDS},
-    "ppo": (PPOConfig, "jaxalign.run_ppo:ppo"),
-    "rs": (RSConfig, "jaxalign.run_rs:rs"),
-    "label": (LabelConfig, "jaxalign.run_label:label"),
-}
-
-
-_REF = ("dpo", "ipo")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(OptimizerOptions):
-    """Everything one training run depends on (the CLI's options, the file's keys)."""
-
-    data: str | None = option(None, "JSONL training data (required)", metavar="FILE.jsonl")
-    out: str | None = option(None, "run directory (required): metrics.jsonl, tb/, checkpoints/,"
-                           " final/, hf/", metavar="DIR")
-    model: str = option("tiny", "preset name (tiny, small, bench; random init) or a local Hugging"
-                      " Face model directory", metavar="PRESET_OR_HF_DIR")
-    model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to the"
-                                 " preset, e.g. '{\"n_layers\": 1}'", type=dict, metavar="JSON")
-    tokenizer: str | None = option(None, "tokenizer.json or a directory holding one (default: the"
-                                 " model's, or a byte-level BPE trained on --data and saved in"
-                                 " DIR/tokenizer)", metavar="PATH")
-    init_from: str | None = option(None, "start from the final params of an earlier jaxalign run"
-                                 " (its DIR or DIR/final); rm puts a fresh score head on an"
-                                 " LM's trunk", metavar="DIR")
-    steps: int = option(100, "training steps (batches); the LR schedule spans them", type=int)
-    stop_at: int | None = option(None, "stop after this step with a checkpoint, as if interrupted"
-                               " (continue with --resume)", type=int)
-    batch_size: int = option(8, "records per batch (pairs for rm/dpo/ipo/orpo)", type=int)
-    lr: float = option(1e-4, "peak learning rate (AdamW)", type=float)
-    grad_accum_steps: int = option(1, "batches averaged per optimiser update", type=int)
-    beta: float = option(0.1, "DPO/IPO temperature beta", type=float, commands=_REF)
-    label_smoothing: float = option(0.0, "conservative DPO label smoothing in [0, 0.5)", type=float,
-                                  commands=("dpo",))
-    lam: float = option(0.1, "ORPO odds-ratio weight lambda", type=float, commands=("orpo",))
-    center_coef: float = option(0.0, "reward centring coefficient (mean (r_c + r_r)^2)",
-                              type=float, commands=("rm",))
-    include_prompt: bool = option(False, "also train on prompt tokens", type=bool,
-                                commands=("sft",))
-    precompute_ref: bool = option(False, "compute reference log-probs once over the data before"
-                                " training (no reference params kept)", type=bool, commands=_REF)
-    max_length: int | None = option(None, "longest sequence, prompt + completion (default: the"
-                                  " model's max_len)", type=int)
-    max_prompt_length: int | None = option(None, "prompts keep their last this many tokens",
-                                         type=int)
-    pad_multiple: int = option(64, "batches are padded to a multiple of this (few shapes, few"
-                             " compilations)", type=int)
-    seed: int = option(0, "seed of init, shuffling and the state's PRNG key", type=int)
-    save_every: int = option(500, "checkpoint every N steps (and at the end)", type=int)
-    keep: int = option(3, "checkpoints kept", type=int)
-    log_every: int = option(10, "log metrics every N steps (and at steps 1 and --steps)", type=int)
-    resume: bool = option(False, "continue from the latest checkpoint in DIR/checkpoints", type=bool)
-    on_bad_record: str = option("error", "a bad JSONL record stops the run (error, exit 2) or is"
-                              " skipped and counted (skip)", choices=("error", "skip"))
-    export_hf: bool = option(False, "also save the final model as HF safetensors in DIR/hf",
-                           type=bool)
-    progress: bool = option(True, "tqdm progress bar (off: a log line per logged step)", type=bool)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive = ("steps", "batch_size", "grad_accum_steps", "pad_multiple", "save_every",
-                    "keep", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("stop_at", "max_length", "max_prompt_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.on_bad_record not in ("error", "skip"):
-            raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-    def optimizer_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``jaxalign.train.make_optimizer`` (the schedule spans the
-        optimiser updates: ``steps / grad_accum_steps``)."""
-        updates = -(-self.steps // self.grad_accum_steps)
-        return {**self.schedule_options(self.lr, updates),
-                "grad_accum_steps": self.grad_accum_steps}
-
-    def step_options(self, kind: str) -> dict[str, Any]:
-        """Keyword arguments of the ``make_X_step`` factory of command ``kind``."""
-        return {"sft": {"include_prompt": self.include_prompt},
-                "rm": {"center_coef": self.center_coef},
-                "dpo": {"beta": self.beta, "label_smoothing": self.label_smoothing},
-                "ipo": {"beta": self.beta},
-                "orpo": {"lam": self.lam}}[kind]
+_CONFIGS = {**{command: TrainConfig for command in TRAIN_COMMANDS}, "ppo": PPOConfig,
+            "rs": RSConfig, "label": LabelConfig}
 
 
 def config_class(command: str) -> type:
     """The config dataclass of ``command`` (:class:`TrainConfig` for the training commands)."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
-    return _RUNS[command][0] or TrainConfig
+    return _CONFIGS[command]
 
 
 def make_config(values: Mapping[str, Any] | Any = None, *, command: str = "sft") -> Any:
@@ -163,7 +72,7 @@ def make_config(values: Mapping[str, Any] | Any = None, *, command: str = "sft")
     cls = config_class(command)
     if isinstance(values, cls):
         return values
-    return cls(**checked(cls, values or {}))
+    return build(cls, checked(cls, values or {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,12 +102,26 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, Any]:
     cls = config_class(command)
     values = checked(cls, load_config_file(given.pop("config"))) if "config" in given else {}
     values.update(given)  # flags win
-    return command, cls(**values)
+    return command, build(cls, values)
 
 
-def _run_function(command: str) -> Any:
-    module, name = _RUNS[command][1].split(":")
-    return getattr(importlib.import_module(module), name)
+def _run(command: str, config: Any) -> dict[str, Any]:
+    """Imports the run of ``command`` (here, so that ``--help`` loads none of them) and runs it."""
+    if command in TRAIN_COMMANDS:
+        from jaxalign.cli.train import train  # noqa: PLC0415
+
+        return train(command, config)
+    if command == "ppo":
+        from jaxalign.cli.ppo import ppo  # noqa: PLC0415
+
+        return ppo(config)
+    if command == "rs":
+        from jaxalign.cli.rs import rs  # noqa: PLC0415
+
+        return rs(config)
+    from jaxalign.cli.label import label  # noqa: PLC0415
+
+    return label(config)
 
 
 def run_training(kind: str, config: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -207,11 +130,9 @@ def run_training(kind: str, config: Mapping[str, Any] | Any) -> dict[str, Any]:
 
     ``config`` is the command's config dataclass or a mapping of its fields (the options marked
     required are). Raises ``DataError``, :class:`ConfigError`, ``CheckpointMismatchError`` or
-    ``jaxalign.runner.RunError`` instead of exiting.
+    ``jaxalign.cli.loop.RunError`` instead of exiting.
     """
-    config = make_config(config, command=kind)
-    run = _run_function(kind)
-    return run(kind, config) if kind in TRAIN_COMMANDS else run(config)
+    return _run(kind, make_config(config, command=kind))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from jaxalign.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from jaxalign.data import DataError  # noqa: PLC0415
-    from jaxalign.run_loop import RunError  # noqa: PLC0415
+    from jaxalign.cli.loop import RunError  # noqa: PLC0415
 
     try:
         run_training(command, config)

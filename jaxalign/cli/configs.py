@@ -1,6 +1,6 @@
 """Options of ``jaxalign ppo``, ``jaxalign rs`` and ``jaxalign label`` (see :mod:`jaxalign.cli`).
 
-Names follow TRL/OpenRLHF where they exist, and :class:`jaxalign.rlhf.RLHFConfig` field for
+Names follow TRL/OpenRLHF where they exist, and :class:`jaxalign.train.rlhf.RLHFConfig` field for
 field. Like :class:`jaxalign.cli.TrainConfig`, each field is a flag and a config-file key.
 """
 
@@ -9,15 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxalign.options import ConfigError, OptimizerOptions, option
+from jaxalign.cli.options import ConfigError, embed, option
+from jaxalign.train.optim import OptimizerConfig
+from jaxalign.train.rlhf_config import RLHFConfig
 
-__all__ = ["LabelConfig", "PPOConfig", "RSConfig"]
-
-_RLHF_FIELDS = (  # PPOConfig fields that are RLHFConfig fields of the same name
-    "max_new_tokens", "temperature", "top_k", "top_p", "kl_coef", "kl_target", "kl_horizon",
-    "kl_estimator", "missing_eos_penalty", "whiten_rewards", "score_clip", "advantage",
-    "samples_per_prompt", "gamma", "lam", "whiten_advantages", "ppo_epochs", "num_minibatches",
-    "clip_eps", "value_clip", "vf_coef", "ent_coef", "shared_value_head")
+__all__ = ["LabelConfig", "PPOConfig", "RSConfig", "TrainConfig"]
 
 
 def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
@@ -28,14 +24,91 @@ def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = (
         if (value is not None or name not in optional) and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     for field in dataclasses.fields(config):
-        choices = field.metadata["choices"]
+        choices = field.metadata.get("choices")
         if choices and getattr(config, field.name) not in choices:
             raise ConfigError(f"{field.name} must be one of {choices},"
                               f" got {getattr(config, field.name)!r}")
 
 
+_REF = ("dpo", "ipo")
+
+
 @dataclasses.dataclass(frozen=True)
-class _PolicyRunConfig(OptimizerOptions):
+class TrainConfig:
+    """Everything one training run depends on (the CLI's options, the file's keys)."""
+
+    data: str | None = option(None, "JSONL training data (required)", metavar="FILE.jsonl")
+    out: str | None = option(None, "run directory (required): metrics.jsonl, tb/, checkpoints/,"
+                           " final/, hf/", metavar="DIR")
+    model: str = option("tiny", "preset name (tiny, small, bench; random init) or a local Hugging"
+                      " Face model directory", metavar="PRESET_OR_HF_DIR")
+    model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to the"
+                                 " preset, e.g. '{\"n_layers\": 1}'", type=dict, metavar="JSON")
+    tokenizer: str | None = option(None, "tokenizer.json or a directory holding one (default: the"
+                                 " model's, or a byte-level BPE trained on --data and saved in"
+                                 " DIR/tokenizer)", metavar="PATH")
+    init_from: str | None = option(None, "start from the final params of an earlier jaxalign run"
+                                 " (its DIR or DIR/final); rm puts a fresh score head on an"
+                                 " LM's trunk", metavar="DIR")
+    steps: int = option(100, "training steps (batches); the LR schedule spans them", type=int)
+    stop_at: int | None = option(None, "stop after this step with a checkpoint, as if interrupted"
+                               " (continue with --resume)", type=int)
+    batch_size: int = option(8, "records per batch (pairs for rm/dpo/ipo/orpo)", type=int)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", type=float)
+    optimizer: OptimizerConfig = embed(OptimizerConfig, after="lr")
+    grad_accum_steps: int = option(1, "batches averaged per optimiser update", type=int)
+    beta: float = option(0.1, "DPO/IPO temperature beta", type=float, commands=_REF)
+    label_smoothing: float = option(0.0, "conservative DPO label smoothing in [0, 0.5)", type=float,
+                                  commands=("dpo",))
+    orpo_lambda: float = option(0.1, "ORPO odds-ratio weight lambda (TRL's beta)", type=float,
+                                commands=("orpo",))
+    center_coef: float = option(0.0, "reward centring coefficient (mean (r_c + r_r)^2)",
+                              type=float, commands=("rm",))
+    include_prompt: bool = option(False, "also train on prompt tokens", type=bool,
+                                commands=("sft",))
+    precompute_ref: bool = option(False, "compute reference log-probs once over the data before"
+                                " training (no reference params kept)", type=bool, commands=_REF)
+    max_length: int | None = option(None, "longest sequence, prompt + completion (default: the"
+                                  " model's max_len)", type=int)
+    max_prompt_length: int | None = option(None, "prompts keep their last this many tokens",
+                                         type=int)
+    pad_multiple: int = option(64, "batches are padded to a multiple of this (few shapes, few"
+                             " compilations)", type=int)
+    seed: int = option(0, "seed of init, shuffling and the state's PRNG key", type=int)
+    save_every: int = option(500, "checkpoint every N steps (and at the end)", type=int)
+    keep: int = option(3, "checkpoints kept", type=int)
+    log_every: int = option(10, "log metrics every N steps (and at steps 1 and --steps)", type=int)
+    resume: bool = option(False, "continue from the latest checkpoint in DIR/checkpoints", type=bool)
+    on_bad_record: str = option("error", "a bad JSONL record stops the run (error, exit 2) or is"
+                              " skipped and counted (skip)", choices=("error", "skip"))
+    export_hf: bool = option(False, "also save the final model as HF safetensors in DIR/hf",
+                           type=bool)
+    progress: bool = option(True, "tqdm progress bar (off: a log line per logged step)", type=bool)
+
+    def __post_init__(self) -> None:
+        _check(self, ("steps", "batch_size", "grad_accum_steps", "pad_multiple", "save_every",
+                      "keep", "log_every"), ("stop_at", "max_length", "max_prompt_length"))
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``jaxalign.train.make_optimizer`` (the schedule spans the
+        optimiser updates: ``steps / grad_accum_steps``)."""
+        updates = -(-self.steps // self.grad_accum_steps)
+        return {"learning_rate": self.lr, "total_steps": updates,
+                **dataclasses.asdict(self.optimizer), "grad_accum_steps": self.grad_accum_steps}
+
+    def step_options(self, kind: str) -> dict[str, Any]:
+        """Keyword arguments of the ``make_X_step`` factory of command ``kind``."""
+        return {"sft": {"include_prompt": self.include_prompt},
+                "rm": {"center_coef": self.center_coef},
+                "dpo": {"beta": self.beta, "label_smoothing": self.label_smoothing},
+                "ipo": {"beta": self.beta},
+                "orpo": {"orpo_lambda": self.orpo_lambda}}[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class _PolicyRunConfig:
     """What ``ppo`` and ``rs`` share: a policy sampling prompts, a reward model scoring them."""
 
     prompts: str | None = option(None, "JSONL of {\"prompt\"} records (required); other fields"
@@ -53,9 +126,8 @@ class _PolicyRunConfig(OptimizerOptions):
                                    metavar="PATH")
     model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to a"
                                    " preset --policy", type=dict, metavar="JSON")
-    max_new_tokens: int = option(32, "tokens sampled per completion", type=int)
-    temperature: float = option(1.0, "sampling temperature", type=float)
     lr: float = option(1e-5, "peak learning rate (AdamW) of the policy", type=float)
+    optimizer: OptimizerConfig = embed(OptimizerConfig, after="lr")
     max_prompt_length: int | None = option(None, "prompts keep their last this many tokens"
                                            " (default: the model's max_len - --max-new-tokens)",
                                            type=int)
@@ -70,12 +142,12 @@ class _PolicyRunConfig(OptimizerOptions):
                             type=bool)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self, ("max_new_tokens", "pad_multiple"), ("max_prompt_length",))
+        _check(self, ("pad_multiple",), ("max_prompt_length",))
 
     def optimizer_options(self, total_updates: int, lr: float | None = None) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` for ``total_updates`` updates."""
-        return self.schedule_options(self.lr if lr is None else lr, total_updates)
+        return {"learning_rate": self.lr if lr is None else lr, "total_steps": total_updates,
+                **dataclasses.asdict(self.optimizer)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,35 +164,7 @@ class PPOConfig(_PolicyRunConfig):
     batch_size: int = option(8, "prompts per iteration", type=int)
     value_lr: float | None = option(None, "learning rate of the separate value model (default:"
                                     " --lr)", type=float)
-    top_k: int = option(0, "sample from the k likeliest tokens (0: all)", type=int)
-    top_p: float = option(1.0, "nucleus sampling mass", type=float)
-    kl_coef: float = option(0.05, "KL penalty coefficient beta (the initial one if adaptive)",
-                            type=float)
-    kl_target: float | None = option(None, "adapt beta towards this sequence KL (none: beta"
-                                     " stays fixed)", type=float)
-    kl_horizon: float = option(10_000.0, "horizon of the adaptive KL controller", type=float)
-    kl_estimator: str = option("k1", "per-token KL estimator", choices=("k1", "k3", "abs"))
-    missing_eos_penalty: float | None = option(None, "subtracted from the score of completions"
-                                               " without EOS (none: no penalty)", type=float)
-    whiten_rewards: bool = option(False, "whiten per-token rewards (GAE only)", type=bool)
-    score_clip: float | None = option(None, "clip reward-model scores to [-X, X] (none: no"
-                                      " clip)", type=float)
-    advantage: str = option("gae", "advantage estimator: GAE with a value model, or the"
-                            " critic-free GRPO / RLOO (--samples-per-prompt >= 2)",
-                            choices=("gae", "grpo", "rloo"))
-    samples_per_prompt: int = option(1, "completions sampled per prompt", type=int)
-    gamma: float = option(1.0, "discount", type=float)
-    lam: float = option(0.95, "GAE lambda", type=float)
-    whiten_advantages: bool = option(True, "whiten advantages (not with grpo)", type=bool)
-    ppo_epochs: int = option(2, "passes over each rollout batch", type=int)
-    num_minibatches: int = option(2, "minibatches per pass", type=int)
-    clip_eps: float = option(0.2, "PPO ratio clip epsilon", type=float)
-    value_clip: float | None = option(0.2, "value clip range (none: unclipped)", type=float,
-                                      nullable=True)
-    vf_coef: float = option(0.1, "value loss coefficient", type=float)
-    ent_coef: float = option(0.0, "entropy bonus coefficient", type=float)
-    shared_value_head: bool = option(False, "the value is a head on the policy's trunk (no"
-                                     " separate value model; GAE only)", type=bool)
+    rlhf: RLHFConfig = embed(RLHFConfig, exclude=("eos_id", "pad_id"))
     save_every: int = option(100, "checkpoint every N iterations (and at the end)", type=int)
     keep: int = option(3, "checkpoints kept", type=int)
     log_every: int = option(1, "log metrics every N iterations (and at 1 and --steps)",
@@ -130,32 +174,30 @@ class PPOConfig(_PolicyRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, ("steps", "batch_size", "samples_per_prompt", "ppo_epochs",
-                               "num_minibatches", "save_every", "keep", "log_every"),
-                        ("stop_at",))
+        _check(self, ("steps", "batch_size", "save_every", "keep", "log_every"), ("stop_at",))
 
-    def rlhf_config(self, *, eos_id: int | None, pad_id: int) -> Any:
-        """The :class:`jaxalign.rlhf.RLHFConfig` of these options (``ConfigError`` if invalid)."""
-        from jaxalign.rlhf import RLHFConfig  # noqa: PLC0415  (imports JAX)
+    @property
+    def max_new_tokens(self) -> int:
+        return self.rlhf.max_new_tokens
 
-        try:
-            return RLHFConfig(eos_id=eos_id, pad_id=pad_id,
-                              **{name: getattr(self, name) for name in _RLHF_FIELDS})
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+    def rlhf_config(self, *, eos_id: int | None, pad_id: int) -> RLHFConfig:
+        """The :class:`RLHFConfig` the run uses: ``rlhf`` with the tokenizer's EOS and pad ids."""
+        return dataclasses.replace(self.rlhf, eos_id=eos_id, pad_id=pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
 class RSConfig(_PolicyRunConfig):
     """Everything one ``jaxalign rs`` (rejection-sampling fine-tuning) run depends on."""
 
+    max_new_tokens: int = option(32, "tokens sampled per completion", type=int)
+    temperature: float = option(1.0, "sampling temperature", type=float)
     n: int = option(8, "completions sampled per prompt; the best-scoring one is kept", type=int)
     rounds: int = option(3, "rounds of best-of-n sampling followed by fine-tuning", type=int)
     steps_per_round: int = option(10, "SFT steps per round on the kept completions", type=int)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, ("n", "rounds", "steps_per_round"))
+        _check(self, ("max_new_tokens", "n", "rounds", "steps_per_round"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ counted (``--on-bad-record skip``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,13 +27,12 @@ import numpy as np
 import yaml
 
 from jaxalign import feedback
-from jaxalign.data import DataError
+from jaxalign.data import BadRecord, DataError, read_records
 from jaxalign.models import RewardModel, load_hf
-from jaxalign.rl_options import LabelConfig
-from jaxalign.run_dir import final_dir, load_final
-from jaxalign.run_loop import RunError
-from jaxalign.run_policy import is_run_dir
-from jaxalign.tokenizer import Tokenizer
+from jaxalign.cli.configs import LabelConfig
+from jaxalign.cli.loop import RunError
+from jaxalign.cli.run_dir import load_final
+from jaxalign.cli.sources import find_tokenizer, is_run_dir, load_tokenizer
 
 __all__ = ["label", "read_pairs"]
 
@@ -42,19 +40,19 @@ _STYLES = (("response_a", "response_b"), ("chosen", "rejected"))
 
 
 def _pair(record: Any) -> tuple[str, str, str]:
-    """``(prompt, a, b)`` of one decoded record; raises ``ValueError`` with the reason."""
+    """``(prompt, a, b)`` of one decoded record; raises ``BadRecord`` with the reason."""
     if not isinstance(record, dict):
-        raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
+        raise BadRecord(f"record must be a JSON object, got {type(record).__name__}")
     styles = [names for names in _STYLES if any(name in record for name in names)]
     if len(styles) != 1:
-        raise ValueError("expected 'response_a' and 'response_b', or 'chosen' and 'rejected'"
-                         + (" (not both)" if styles else ""))
+        raise BadRecord("expected 'response_a' and 'response_b', or 'chosen' and 'rejected'"
+                        + (" (not both)" if styles else ""))
     values = []
     for name in ("prompt", *styles[0]):
         if name not in record:
-            raise ValueError(f"missing field '{name}'")
+            raise BadRecord(f"missing field '{name}'")
         if not isinstance(record[name], str) or not record[name].strip():
-            raise ValueError(f"field '{name}' must be a non-empty string")
+            raise BadRecord(f"field '{name}' must be a non-empty string")
         values.append(record[name])
     return values[0], values[1], values[2]
 
@@ -64,43 +62,23 @@ def read_pairs(path: str, *, on_bad_record: str = "error") -> tuple[list[tuple[s
     """``(pairs, skipped)``: every ``(prompt, a, b)`` of a pairs JSONL and the
     ``file:line: reason`` of each skipped record (``on_bad_record="error"`` raises
     ``DataError`` on the first instead)."""
-    pairs, skipped = [], []
-    with open(path, "rb") as f:
-        for line_no, raw_line in enumerate(f, start=1):
-            if not raw_line.strip():
-                continue
-            try:
-                record = json.loads(raw_line.decode("utf-8"))
-            except UnicodeDecodeError:
-                reason = "line is not valid UTF-8"
-            except json.JSONDecodeError as error:
-                reason = f"invalid JSON ({error.msg} at column {error.colno})"
-            else:
-                try:
-                    pairs.append(_pair(record))
-                    continue
-                except ValueError as error:
-                    reason = str(error)
-            if on_bad_record == "error":
-                raise DataError(f"{path}:{line_no}: {reason}")
-            skipped.append(f"{path}:{line_no}: {reason}")
+    pairs, skipped = read_records(path, _pair, on_bad_record=on_bad_record)
     if not pairs:
         raise DataError(f"{path}: no usable records ({len(skipped)} skipped)")
     return pairs, skipped
 
 
-def _judge(config: LabelConfig) -> tuple[Any, Any, Path]:
-    """``(model, params, default tokenizer path)`` of ``--judge``."""
+def _judge(config: LabelConfig) -> tuple[Any, Any]:
+    """``(model, params)`` of ``--judge``."""
     if is_run_dir(config.judge):
         model, params, _ = load_final(config.judge)
-        return model, params, final_dir(config.judge) / "tokenizer"
+        return model, params
     if os.path.isdir(config.judge):
         try:
-            model, params = load_hf(config.judge)
+            return load_hf(config.judge)
         except (OSError, ValueError, KeyError) as error:
             raise RunError(f"--judge {config.judge}: cannot load a Hugging Face model:"
                            f" {error}") from None
-        return model, params, Path(config.judge)
     raise RunError(f"--judge {config.judge}: neither a finished jaxalign run (with"
                    " final/config.json) nor a Hugging Face model directory")
 
@@ -111,11 +89,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
         raise RunError("--judge, --pairs and --out are required (as flags or in --config)")
     if not os.path.isfile(config.pairs):
         raise RunError(f"--pairs {config.pairs}: no such file")
-    model, params, tokenizer_path = _judge(config)
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else tokenizer_path
-    if not (tokenizer_path.is_file() or (tokenizer_path / "tokenizer.json").is_file()):
-        raise RunError(f"no tokenizer at {tokenizer_path} (pass --tokenizer)")
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    model, params = _judge(config)
+    tokenizer = load_tokenizer(find_tokenizer(config.tokenizer, config.judge))
     is_reward_model = isinstance(model, RewardModel)
     constitution = feedback.DEFAULT_CONSTITUTION
     try:

@@ -1,9 +1,10 @@
 """The training loop every ``jaxalign`` run shares: logging, checkpoints, exact resume.
 
     resuming = prepare_out(out, resume=config.resume)          # refuses checkpoints without it
-    ckpt = Checkpointer(out / "checkpoints", save_every=..., max_to_keep=...)
-    state, start = restore(ckpt, state, loader, ...) if resuming else (state, 0)
-    result = run_loop(state, step_fn, start=start, end=..., total=..., out=out, ckpt=ckpt, ...)
+    check_checkpoints(out / "checkpoints", kind, model_config) # if resuming, before compiling
+    result, start = checkpointed_loop(state, step_fn, config=config, kind=kind, out=out,
+                                      loader=loader, resuming=resuming, ...)
+    summary = summarize(kind, result, start=start, total=config.steps, out=out, ...)
 
 ``step_fn(state, step) -> (state, metrics, tokens)`` runs step ``step`` (1-based) and must be a
 pure function of the state and ``step`` (batch ``step - 1`` of a ``DataLoader``, a PRNG key
@@ -28,20 +29,17 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from jaxalign.distributed import is_main_process
 from jaxalign.checkpoint import CheckpointMismatchError, Checkpointer, config_mismatches
+from jaxalign.cli.options import flat_values
 from jaxalign.data import DataLoader
 
 __all__ = ["LoopResult", "RunError", "RunLog", "check_checkpoints", "checkpoint_steps",
-           "is_main", "prepare_out", "restore", "run_loop", "write_summary"]
+           "checkpointed_loop", "prepare_out", "restore", "run_loop", "summarize", "write_summary"]
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
-
-
-def is_main() -> bool:
-    """Process 0, the one that writes logs, summaries and final-model metadata."""
-    return jax.process_index() == 0
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -90,7 +88,7 @@ def restore(ckpt: Checkpointer, state: Any, loader: DataLoader, args: dict[str, 
     old_args = metadata.get("args", {})
     changed = [f"{k}: {old_args.get(k)!r} -> {args[k]!r}" for k in trajectory_options
                if old_args.get(k) != args[k]]
-    if changed and is_main():
+    if changed and is_main_process():
         print(f"warning: resuming with changed options ({'; '.join(changed)}); the metrics"
               " will differ from an uninterrupted run", file=sys.stderr)
     return state, int(metadata["step"])
@@ -205,7 +203,7 @@ def run_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *
     ``log_every``-th and ``total`` (``{"step", **metrics, **extra(step)}``), checkpoints every
     ``save_every``-th and the last one; closes ``ckpt`` (also on error)."""
     log = RunLog(out, kind, total=total, start=start, progress=progress, headline=headline,
-                 enabled=is_main())
+                 enabled=is_main_process())
     started = time.perf_counter()
     metrics, step = None, start
     try:
@@ -215,12 +213,12 @@ def run_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *
             if step == 1 or step % log_every == 0 or step == total:
                 log.log(step, jax.device_get(metrics), extra(step))
             if step % save_every == 0:
-                ckpt.save(step, state, metadata=checkpoint_metadata(step), force=True)
+                ckpt.save(step, state, metadata=checkpoint_metadata(step))
             log.bar.update(1)
         final_metrics = {k: float(v) for k, v in jax.device_get(metrics or {}).items()}
         wall_time = time.perf_counter() - began
         tokens_per_s = log.steady_rate(started)
-        ckpt.save(step, state, metadata=checkpoint_metadata(step), force=True)
+        ckpt.save(step, state, metadata=checkpoint_metadata(step))
     finally:
         log.close()
         ckpt.close()
@@ -229,6 +227,54 @@ def run_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """``out/summary.json`` (process 0 only)."""
-    if is_main():
+    if is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n",
                                           encoding="utf-8")
+
+
+def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *,
+                      config: Any, kind: str, out: Path, loader: DataLoader, resuming: bool,
+                      model_config: dict[str, Any], trajectory_options: Iterable[str],
+                      began: float, headline: str = "loss",
+                      extra: Callable[[int], dict[str, float]] = lambda step: {}
+                      ) -> tuple[LoopResult, int]:
+    """The skeleton every checkpointed command shares: restore the latest checkpoint when
+    ``resuming``, run :func:`run_loop` to ``--stop-at`` or ``--steps``, checkpoint with the
+    loader's position and ``config``'s options as metadata. ``config`` has ``steps``,
+    ``stop_at``, ``save_every``, ``keep``, ``log_every``, ``progress``. Returns the loop's
+    result and the step it started from."""
+    args = flat_values(config)
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep=config.keep)
+    start = 0
+    if resuming:
+        try:
+            state, start = restore(ckpt, state, loader, args, trajectory_options, model_config)
+        except BaseException:
+            ckpt.close()
+            raise
+
+    def checkpoint_metadata(step: int) -> dict[str, Any]:
+        loader.step = step  # the next batch to train on
+        return {"kind": kind, "step": step, "loader": loader.state(),
+                "model_config": model_config, "args": args}
+
+    end = min(config.stop_at or config.steps, config.steps)
+    result = run_loop(state, step_fn, start=start, end=end, total=config.steps, out=out,
+                      kind=kind, ckpt=ckpt, checkpoint_metadata=checkpoint_metadata,
+                      log_every=config.log_every, save_every=config.save_every,
+                      progress=config.progress, began=began, headline=headline, extra=extra)
+    return result, start
+
+
+def summarize(kind: str, result: LoopResult, *, start: int, total: int, out: Path,
+              final: Path | None, hf_dir: Path | None, **fields: Any) -> dict[str, Any]:
+    """The summary of a checkpointed run (``fields`` first), written to ``out/summary.json``."""
+    summary = {
+        "kind": kind, "steps": result.step, "start_step": start, "total_steps": total,
+        "finished": result.step == total, **fields, "final_metrics": result.final_metrics,
+        "wall_time_s": result.wall_time_s, "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s, "out": str(out),
+        "final_dir": final and str(final), "hf_dir": hf_dir and str(hf_dir),
+    }
+    write_summary(out, summary)
+    return summary

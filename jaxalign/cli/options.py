@@ -1,25 +1,33 @@
 """Command options as dataclass fields: one definition gives the flag, its help, the config-file
-key and the value check (no Flax, Orbax or JAX import, so ``jaxalign --help`` stays light).
+key and the value check.
 
-A config dataclass declares each option with :func:`option`; :func:`add_options` turns the
-fields into argparse flags (``--max-new-tokens``; booleans get ``--x/--no-x``; ``nullable``
-ones also accept ``none``), :func:`checked` checks a mapping read by :func:`load_config_file`
-(YAML with ``yaml.safe_load``, or JSON; keys with ``-`` or ``_``) against the field types.
+A command's config dataclass declares its own options with :func:`option`, and holds the
+library's configs (:class:`jaxalign.train.OptimizerConfig`, :class:`jaxalign.train.RLHFConfig`)
+with :func:`embed`: their fields become the command's flags and keys under the library's names,
+with the help text of their :func:`jaxalign.settings.setting` and the type of their annotation,
+so a setting is declared once. :func:`add_options` turns the fields into argparse flags
+(``--max-new-tokens``; booleans get ``--x/--no-x``; optional numbers also accept ``none``),
+:func:`checked` checks a mapping read by :func:`load_config_file` (YAML with
+``yaml.safe_load``, or JSON; keys with ``-`` or ``_``) against the field types, :func:`build`
+makes the config from such a flat mapping and :func:`flat_values` is its inverse.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-__all__ = ["ConfigError", "OptimizerOptions", "add_options", "checked", "load_config_file",
-           "option"]
+__all__ = ["ConfigError", "add_options", "build", "checked", "embed", "flat_values",
+           "load_config_file", "option"]
 
 
 class ConfigError(ValueError):
@@ -41,43 +49,77 @@ def option(default: Any, help: str, *, type: Any = str, commands: tuple[str, ...
     return dataclasses.field(default=default, metadata=metadata)
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerOptions:
-    """The schedule and regularisation options every training command shares (the peak ``lr``
-    is each command's own: its default differs between pretraining-style and RL runs)."""
-
-    warmup_steps: int = option(0, "linear warmup updates before the cosine decay", type=int)
-    end_lr_ratio: float = option(0.0, "final learning rate as a fraction of --lr", type=float)
-    weight_decay: float = option(0.0, "decoupled weight decay", type=float)
-    max_grad_norm: float = option(1.0, "global-norm gradient clip (<= 0: none)", type=float)
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
-
-    def schedule_options(self, learning_rate: float, total_steps: int) -> dict[str, Any]:
-        """Keyword arguments of ``jaxalign.train.make_optimizer``."""
-        return {"learning_rate": learning_rate, "total_steps": total_steps,
-                "warmup_steps": self.warmup_steps, "end_lr_ratio": self.end_lr_ratio,
-                "weight_decay": self.weight_decay,
-                "max_grad_norm": self.max_grad_norm if self.max_grad_norm > 0 else None}
+def embed(cls: type, *, after: str | None = None, exclude: tuple[str, ...] = ()) -> Any:
+    """A field holding a library config ``cls`` whose fields (less ``exclude``) are options of
+    the command, under their own names; their flags are listed after the option ``after``."""
+    return dataclasses.field(default_factory=cls, metadata={
+        "embed": cls, "after": after, "exclude": exclude})
 
 
-_OPTIMIZER_FIELDS = {f.name for f in dataclasses.fields(OptimizerOptions)}
+class _Option(NamedTuple):
+    """One flag / config key: the field, the embedding field holding it (or None), its spec."""
+
+    field: dataclasses.Field
+    parent: str | None
+    type: Any
+    nullable: bool
+    choices: tuple | None
+    help: str
+    commands: tuple[str, ...] | None
+    metavar: str | None
 
 
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+def _resolve(hint: Any) -> tuple[Any, bool, tuple | None]:
+    """``(type, nullable, choices)`` of an annotation: ``X | None``, ``Literal[...]``, plain."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        kinds = [a for a in args if a is not type(None)]
+        kind, _, choices = _resolve(kinds[0]) if len(kinds) == 1 else (None, False, None)
+        return kind, type(None) in args, choices
+    if typing.get_origin(hint) is typing.Literal:
+        return str, False, args
+    return (dict if typing.get_origin(hint) is dict else hint), False, None
+
+
+def _spec(field: dataclasses.Field, hint: Any, parent: str | None) -> _Option:
+    meta = field.metadata
+    if "type" in meta:  # an option() field: everything is declared
+        return _Option(field, parent, meta["type"], meta["nullable"], meta["choices"],
+                       meta["help"], meta["commands"], meta["metavar"])
+    kind, nullable, choices = _resolve(hint)  # a setting() of a library config
+    if kind not in _TYPE_NAMES:
+        raise TypeError(f"setting {field.name!r}: cannot make an option of type {hint!r}")
+    return _Option(field, parent, kind, nullable, meta.get("choices") or choices, meta["help"],
+                   None, None)
+
+
+@functools.cache
+def _options(cls: type) -> dict[str, _Option]:
+    """Every option of config class ``cls`` by name, embedded configs' fields included."""
+    hints = typing.get_type_hints(cls)
+    result: dict[str, _Option] = {}
+    for field in dataclasses.fields(cls):
+        inner = field.metadata.get("embed")
+        if inner is None:
+            result[field.name] = _spec(field, hints[field.name], None)
+            continue
+        inner_hints = typing.get_type_hints(inner)
+        for sub in dataclasses.fields(inner):
+            if sub.name not in field.metadata["exclude"]:
+                if sub.name in result or sub.name in {f.name for f in dataclasses.fields(cls)}:
+                    raise TypeError(f"{cls.__name__}: option {sub.name!r} is declared twice")
+                result[sub.name] = _spec(sub, inner_hints[sub.name], field.name)
+    return result
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                dict: "a mapping (or a JSON object string)"}
 
 
-def _coerce(field: dataclasses.Field, value: Any) -> Any:
+def _coerce(spec: _Option, value: Any) -> Any:
     """A config-file value checked (and converted, e.g. YAML's string '1e-3') to the field type."""
-    name, kind = field.name, field.metadata["type"]
-    if value is None and field.metadata["nullable"]:
+    name, kind = spec.field.name, spec.type
+    if value is None and spec.nullable:
         return None
     if kind is str and isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -100,23 +142,52 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
             pass
     if not ok:
         raise ConfigError(f"config key '{name}' must be {_TYPE_NAMES[kind]}, got {value!r}")
-    if field.metadata["choices"] and value not in field.metadata["choices"]:
-        raise ConfigError(f"config key '{name}' must be one of {field.metadata['choices']},"
-                          f" got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"config key '{name}' must be one of {spec.choices}, got {value!r}")
     return float(value) if kind is float else value
 
 
 def checked(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """Keys normalised to field names of ``cls`` (``-`` -> ``_``) and values checked against
-    the field types; an unknown key is a :class:`ConfigError` naming it."""
-    fields = _fields(cls)
+    the field types (embedded configs' fields included, by their own names); an unknown key is
+    a :class:`ConfigError` naming it."""
+    options = _options(cls)
     result = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
-        result[name] = _coerce(fields[name], value)
+        if name not in options:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(options))})")
+        result[name] = _coerce(options[name], value)
     return result
+
+
+def _construct(cls: type, values: dict[str, Any]) -> Any:
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a library config's own check
+        raise ConfigError(str(error)) from None
+
+
+def build(cls: type, values: Mapping[str, Any]) -> Any:
+    """The config ``cls`` from a flat mapping of checked option values (:func:`checked`):
+    the fields of an embedded config go into that config, the rest are ``cls``'s own."""
+    options, own, nested = _options(cls), {}, {}
+    for name, value in values.items():
+        parent = options[name].parent
+        (own if parent is None else nested.setdefault(parent, {}))[name] = value
+    for field in dataclasses.fields(cls):
+        if "embed" in field.metadata:
+            own[field.name] = _construct(field.metadata["embed"], nested.get(field.name, {}))
+    return _construct(cls, own)
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """Every option of ``config`` by name, embedded configs flattened (the inverse of
+    :func:`build`; what run metadata and summaries record)."""
+    return {name: getattr(config if spec.parent is None else getattr(config, spec.parent), name)
+            for name, spec in _options(type(config)).items()}
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -156,38 +227,46 @@ def _or_none(parse: Any) -> Any:
     return parse_or_none
 
 
-def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-    meta = field.metadata
+def _add_option(parser: argparse.ArgumentParser, spec: _Option) -> None:
+    field = spec.field
     flag = "--" + field.name.replace("_", "-")
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default
     shown = json.dumps(default) if isinstance(default, dict) else default
-    help_text = meta["help"]
+    help_text = spec.help
     if "default:" not in help_text and "(required)" not in help_text:
         help_text += f" (default: {shown})"
     # SUPPRESS: only flags actually given appear in the namespace, so they can win over the file.
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-    if meta["type"] is bool:
+    if spec.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        parse = _json_object if meta["type"] is dict else meta["type"]
-        nullable = meta["nullable"] and meta["type"] in (int, float)
+        parse = _json_object if spec.type is dict else spec.type
+        nullable = spec.nullable and spec.type in (int, float)
         kwargs["type"] = _or_none(parse) if nullable else parse
-        kwargs["metavar"] = meta["metavar"] or {int: "N", float: "X"}.get(meta["type"], "VALUE")
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
+        kwargs["metavar"] = spec.metavar or {int: "N", float: "X"}.get(spec.type, "VALUE")
+        if spec.choices:
+            kwargs["choices"] = spec.choices
             kwargs.pop("metavar")
     parser.add_argument(flag, **kwargs)
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, command: str) -> None:
-    """A flag on ``parser`` for every field of ``cls`` that ``command`` takes (the shared
-    :class:`OptimizerOptions` listed right after ``--lr``, where a reader looks for them)."""
-    shared = [f for f in dataclasses.fields(cls) if f.name in _OPTIMIZER_FIELDS]
-    fields = []
-    for field in dataclasses.fields(cls):
-        if field.name not in _OPTIMIZER_FIELDS:
-            fields += [field] + (shared if field.name == "lr" else [])
-    fields += [] if "lr" in {f.name for f in fields} else shared
-    for field in fields:
-        if field.metadata["commands"] is None or command in field.metadata["commands"]:
-            _add_option(parser, field)
+    """A flag on ``parser`` for every option of ``cls`` that ``command`` takes, in field order;
+    an embedded config's flags follow its ``after`` option (or come last)."""
+    own, groups = [], {}
+    for spec in _options(cls).values():
+        if spec.parent is None:
+            own.append(spec)
+        else:
+            groups.setdefault(spec.parent, []).append(spec)
+    placed = {f.name: f.metadata.get("after") for f in dataclasses.fields(cls)}
+    ordered = []
+    for spec in own:
+        ordered.append(spec)
+        ordered += [s for parent, specs in groups.items() if placed[parent] == spec.field.name
+                    for s in specs]
+    ordered += [s for parent, specs in groups.items() if placed[parent] not in
+                {spec.field.name for spec in own} for s in specs]
+    for spec in ordered:
+        if spec.commands is None or command in spec.commands:
+            _add_option(parser, spec)

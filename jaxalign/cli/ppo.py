@@ -1,5 +1,5 @@
 """The run behind ``jaxalign ppo``: RLHF against a reward model, one compiled iteration
-(:func:`jaxalign.rlhf.make_rlhf_step`) driven by the shared loop of :mod:`jaxalign.run_loop`.
+(:func:`jaxalign.train.rlhf.make_rlhf_step`) driven by the shared loop of :mod:`jaxalign.cli.loop`.
 
 A run directory ``DIR`` (``--out``) holds::
 
@@ -26,7 +26,6 @@ its rows of every batch and only process 0 writes logs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -39,18 +38,18 @@ import numpy as np
 
 from jaxalign import distributed, sharding
 from jaxalign import train as steps
-from jaxalign.checkpoint import Checkpointer
+from jaxalign.cli.configs import PPOConfig
+from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
+                               summarize)
+from jaxalign.cli.options import ConfigError, flat_values
+from jaxalign.cli.run_dir import config_to_dict, save_final
+from jaxalign.cli.sources import PolicyRun, load_policy_run
 from jaxalign.data import DataLoader
+from jaxalign.distributed import is_main_process
 from jaxalign.models import (
     CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm,
 )
-from jaxalign.options import ConfigError
-from jaxalign.rl_options import PPOConfig
-from jaxalign.rlhf import init_rlhf_state, make_rlhf_step, shard_rlhf_state
-from jaxalign.run_dir import config_to_dict, save_final
-from jaxalign.run_loop import (RunError, check_checkpoints, is_main, prepare_out, restore,
-                               run_loop, write_summary)
-from jaxalign.run_policy import load_policy_run
+from jaxalign.train.rlhf import init_rlhf_state, make_rlhf_step, shard_rlhf_state
 
 __all__ = ["ppo"]
 
@@ -80,14 +79,14 @@ def _make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
 
 def _check_batch(config: PPOConfig, mesh: jax.sharding.Mesh | None) -> None:
     """Batch sizes the mesh, the minibatches and the processes divide."""
-    rows = config.batch_size * config.samples_per_prompt
-    if rows % config.num_minibatches:
+    rows = config.batch_size * config.rlhf.samples_per_prompt
+    if rows % config.rlhf.num_minibatches:
         raise ConfigError(f"batch_size x samples_per_prompt = {rows} rollouts do not split into"
-                          f" num_minibatches={config.num_minibatches}")
+                          f" num_minibatches={config.rlhf.num_minibatches}")
     if mesh is not None:
         split = mesh.shape["data"] * mesh.shape["fsdp"]
         for what, size in (("batch_size", config.batch_size),
-                           ("a minibatch of rollouts", rows // config.num_minibatches)):
+                           ("a minibatch of rollouts", rows // config.rlhf.num_minibatches)):
             if size % split:
                 raise ConfigError(f"{what} ({size}) is not divisible by the mesh's data x fsdp"
                                   f" = {split}")
@@ -118,6 +117,30 @@ def _rlhf_fns(policy: Any, value: Any, reward: Any, rlhf_config: Any, policy_opt
     return step, policy_optimizer, value_optimizer, jax.jit(schedule)
 
 
+def _initial_state(config: PPOConfig, run: PolicyRun, rlhf_config: Any, mesh: Any,
+                   key: jax.Array) -> tuple[Any, Any, Any, Any]:
+    """``(state, step, schedule, actor)``: the placed initial RLHF state, its compiled
+    iteration, the policy's LR schedule and the policy model it trains."""
+    policy_params = run.make_policy_params(key)
+    actor = run.policy
+    if rlhf_config.shared_value_head:
+        actor = CausalLMWithValueHead(run.policy.config)
+        policy_params = init_head_from_causal_lm(actor, policy_params, jax.random.fold_in(key, 1))
+    value = ValueModel(run.reward.config) if (
+        rlhf_config.uses_critic and not rlhf_config.shared_value_head) else None
+    updates = config.steps * rlhf_config.ppo_epochs * rlhf_config.num_minibatches
+    step_fn, policy_optimizer, value_optimizer, schedule = _rlhf_fns(
+        actor, value, run.reward, rlhf_config, tuple(config.optimizer_options(updates).items()),
+        tuple(config.optimizer_options(updates, config.value_lr).items()), mesh)
+    state = init_rlhf_state(rlhf_config, policy_params, policy_optimizer,
+                            reward_params=run.reward_params, value_optimizer=value_optimizer)
+    if mesh is not None:
+        state = shard_rlhf_state(state, mesh, policy=actor, value=value, reward=run.reward)
+    else:  # one placement for every leaf, as the step's outputs have (see cli.train)
+        state = jax.device_put(state, jax.local_devices()[0])
+    return state, step_fn, schedule, actor
+
+
 def ppo(config: PPOConfig) -> dict[str, Any]:
     """Runs one ``jaxalign ppo`` job; returns the summary (also in summary.json)."""
     began = time.perf_counter()
@@ -130,103 +153,61 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
     resuming = prepare_out(out, resume=config.resume)
     mesh = _make_mesh(config.mesh)
     _check_batch(config, mesh)
-
     # Read and check everything (the whole prompts file too) before writing anything.
     run = load_policy_run("ppo", config)
-    tokenizer, policy = run.tokenizer, run.policy
-    rlhf_config = config.rlhf_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.padding_id)
+    rlhf_config = config.rlhf_config(eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.padding_id)
     try:
         loader = DataLoader(run.prompts, config.batch_size, seed=config.seed)
     except ValueError as error:
         raise RunError(str(error)) from None
-    model_config = {"policy": config_to_dict(policy.config),
+    model_config = {"policy": config_to_dict(run.policy.config),
                     "reward": config_to_dict(run.reward.config)}
     if resuming:  # before compiling anything
         check_checkpoints(out / "checkpoints", "ppo", model_config)
-
     init_key, rollout_key = jax.random.split(jax.random.key(config.seed))
-    policy_params = run.make_policy_params(init_key)
-    actor = policy
-    if config.shared_value_head:
-        actor = CausalLMWithValueHead(policy.config)
-        policy_params = init_head_from_causal_lm(actor, policy_params,
-                                                 jax.random.fold_in(init_key, 1))
-    value = ValueModel(run.reward.config) if (
-        rlhf_config.uses_critic and not config.shared_value_head) else None
-    updates = config.ppo_epochs * config.num_minibatches  # optimiser updates per iteration
-    policy_options = config.optimizer_options(config.steps * updates)
-    value_options = config.optimizer_options(config.steps * updates, config.value_lr)
-    step_fn, policy_optimizer, value_optimizer, schedule = _rlhf_fns(
-        actor, value, run.reward, rlhf_config, tuple(policy_options.items()),
-        tuple(value_options.items()), mesh)
-    state = init_rlhf_state(rlhf_config, policy_params, policy_optimizer,
-                            reward_params=run.reward_params, value_optimizer=value_optimizer)
-    if mesh is not None:
-        state = shard_rlhf_state(state, mesh, policy=actor, value=value, reward=run.reward)
-    else:  # one placement for every leaf, as the step's outputs have (see runner.train)
-        state = jax.device_put(state, jax.local_devices()[0])
-    del policy_params
-
+    state, step_fn, schedule, _ = _initial_state(config, run, rlhf_config, mesh, init_key)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out / "checkpoints", save_every=config.save_every,
-                        max_to_keep=config.keep)
-    args = dataclasses.asdict(config)
-    start = 0
-    if resuming:
-        try:
-            state, start = restore(ckpt, state, loader, args,
-                                   [k for k in args if k not in _BOOKKEEPING], model_config)
-        except BaseException:
-            ckpt.close()
-            raise
-
-    def checkpoint_metadata(step: int) -> dict[str, Any]:
-        loader.step = step  # the next batch to train on
-        return {"kind": "ppo", "step": step, "loader": loader.state(),
-                "model_config": model_config, "args": args}
+    k = rlhf_config.samples_per_prompt
+    updates = rlhf_config.ppo_epochs * rlhf_config.num_minibatches  # per iteration
 
     def rlhf_step(state: Any, step: int) -> tuple[Any, dict, Any]:
         prompts = run.prompts.collate(loader.indices_at(step - 1))
-        rows = config.batch_size * config.samples_per_prompt
-        prompt_tokens = int(prompts["prompt_mask"].sum()) * config.samples_per_prompt
+        prompt_tokens = int(prompts["prompt_mask"].sum()) * k
         if mesh is not None:
             if jax.process_count() > 1:  # this process's rows of the global batch
-                prompts = {k: np.array_split(v, jax.process_count())[jax.process_index()]
-                           for k, v in prompts.items()}
+                prompts = {key: np.array_split(v, jax.process_count())[jax.process_index()]
+                           for key, v in prompts.items()}
             prompts = sharding.shard_batch(prompts, mesh)
         state, metrics = step_fn(state, prompts, _iteration_key(rollout_key, step, mesh))
-        return state, metrics, prompt_tokens + metrics["response_length"] * rows
+        return state, metrics, prompt_tokens + metrics["response_length"] * config.batch_size * k
 
     def learning_rate(step: int) -> dict[str, float]:
         return {"lr": float(schedule((step - 1) * updates))}
 
-    end = min(config.stop_at or config.steps, config.steps)
-    result = run_loop(state, rlhf_step, start=start, end=end, total=config.steps, out=out,
-                      kind="ppo", ckpt=ckpt, checkpoint_metadata=checkpoint_metadata,
-                      log_every=config.log_every, save_every=config.save_every,
-                      progress=config.progress, began=began, headline="score/mean",
-                      extra=learning_rate)
-    step = result.step
+    result, start = checkpointed_loop(
+        state, rlhf_step, config=config, kind="ppo", out=out, loader=loader, resuming=resuming,
+        model_config=model_config, began=began, headline="score/mean", extra=learning_rate,
+        trajectory_options=[k for k in flat_values(config) if k not in _BOOKKEEPING])
+    return _finish(config, run, result, start, out)
+
+
+def _finish(config: PPOConfig, run: PolicyRun, result: Any, start: int,
+            out: Path) -> dict[str, Any]:
+    """Saves the final policy (as the causal LM it is, without a shared value head) when the
+    run is done, and writes and prints the summary."""
     final = hf_dir = None
-    if step == config.steps:
-        params = result.state.policy_params
-        # Saved as the causal LM it is (without a shared value head).
-        final, hf_dir = save_final(out, "ppo", CausalLM(policy.config), causal_lm_params(params),
-                                   tokenizer, step, config.export_hf)
+    if result.step == config.steps:
+        final, hf_dir = save_final(out, "ppo", CausalLM(run.policy.config),
+                                   causal_lm_params(result.state.policy_params), run.tokenizer,
+                                   result.step, config.export_hf)
     metrics = result.final_metrics
-    summary = {
-        "kind": "ppo", "steps": step, "start_step": start, "total_steps": config.steps,
-        "finished": step == config.steps, "final_score": metrics.get("score/mean"),
-        "final_kl": metrics.get("kl"), "final_metrics": metrics,
-        "wall_time_s": result.wall_time_s, "tokens": result.tokens,
-        "tokens_per_s": result.tokens_per_s, "out": str(out),
-        "final_dir": final and str(final), "hf_dir": hf_dir and str(hf_dir),
-    }
-    write_summary(out, summary)
+    summary = summarize("ppo", result, start=start, total=config.steps, out=out, final=final,
+                        hf_dir=hf_dir, final_score=metrics.get("score/mean"),
+                        final_kl=metrics.get("kl"))
     score = "n/a" if not metrics else f"{metrics['score/mean']:.4f} (kl {metrics['kl']:.4f})"
     where = final or f"{out / 'checkpoints'} (resume with --resume)"
-    if is_main():
-        print(f"jaxalign ppo: {step - start} iterations (to {step}/{config.steps}), final score"
-              f" {score}, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s"
-              f" -> {where}")
+    if is_main_process():
+        print(f"jaxalign ppo: {result.step - start} iterations (to {result.step}/{config.steps}),"
+              f" final score {score}, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f}"
+              f" tokens/s -> {where}")
     return summary

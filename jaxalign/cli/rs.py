@@ -1,5 +1,5 @@
 """The run behind ``jaxalign rs``: rejection-sampling fine-tuning (RAFT / ReST-style) with
-:func:`jaxalign.best_of_n.rejection_sampling_finetune`, scored by a reward model.
+:func:`jaxalign.train.best_of_n.rejection_sampling_finetune`, scored by a reward model.
 
 Every round samples ``--n`` completions for every prompt of ``--prompts`` (all of them, as one
 batch), keeps the best-scoring one per prompt and takes ``--steps-per-round`` SFT steps on them.
@@ -25,11 +25,13 @@ import jax
 import numpy as np
 
 from jaxalign import train as steps
-from jaxalign.best_of_n import rejection_sampling_finetune, reward_model_scorer
-from jaxalign.rl_options import RSConfig
-from jaxalign.run_dir import save_final
-from jaxalign.run_loop import RunError, RunLog, is_main, write_summary
-from jaxalign.run_policy import load_policy_run
+from jaxalign.train.best_of_n import rejection_sampling_finetune
+from jaxalign.train.scorers import reward_model_scorer
+from jaxalign.cli.configs import RSConfig
+from jaxalign.cli.run_dir import save_final
+from jaxalign.cli.loop import RunError, RunLog, write_summary
+from jaxalign.distributed import is_main_process
+from jaxalign.cli.sources import load_policy_run
 
 __all__ = ["rs"]
 
@@ -54,7 +56,7 @@ def rs(config: RSConfig) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, "rs", total=config.rounds, start=0, progress=config.progress,
-                 headline="score/mean", enabled=is_main())
+                 headline="score/mean", enabled=is_main_process())
     started = time.perf_counter()
 
     def log_round(round_index: int, entry: dict[str, float]) -> None:
@@ -85,7 +87,7 @@ def rs(config: RSConfig) -> dict[str, Any]:
         "final_dir": str(final), "hf_dir": hf_dir and str(hf_dir),
     }
     write_summary(out, summary)
-    if is_main():
+    if is_main_process():
         scores = " -> ".join(f"{entry['mean_score']:.4f}" for entry in history)
         print(f"jaxalign rs: {config.rounds} rounds of best-of-{config.n} +"
               f" {config.steps_per_round} SFT steps, mean score per round {scores}, {wall_time:.1f} s -> {final}")

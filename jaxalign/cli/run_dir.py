@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_params, save_hf
-from jaxalign.run_loop import RunError, is_main
+from jaxalign.cli.loop import RunError
+from jaxalign.distributed import is_main_process
 from jaxalign.tokenizer import Tokenizer
 
 __all__ = ["config_from_dict", "config_to_dict", "final_dir", "load_final", "save_final"]
@@ -86,7 +87,7 @@ def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokeniz
     model_type = "reward_model" if isinstance(model, RewardModel) else "causal_lm"
     info = {"model_type": model_type, "kind": kind, "step": step,
             "model_config": config_to_dict(model.config)}
-    if is_main():
+    if is_main_process():
         (final / "config.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(final / "tokenizer")
     hf_dir = None
@@ -96,7 +97,7 @@ def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokeniz
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
             params = multihost_utils.process_allgather(params, tiled=True)
-        if is_main():
+        if is_main_process():
             ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                    "pad_token_id": tokenizer.pad_id}
             save_hf(model, params, hf_dir,

@@ -1,28 +1,37 @@
-"""What ``jaxalign ppo`` and ``jaxalign rs`` start from: tokenizer, policy, reward model, prompts.
+"""Where a run's tokenizer, model and prompts come from; everything here only reads files.
 
-``--policy`` is an earlier jaxalign run (``DIR`` or ``DIR/final``, e.g. an ``sft`` run), a
-Hugging Face model directory, or a preset (random init, ``--model-overrides``); ``--reward`` is
-a jaxalign ``rm`` run. The reward model reads the policy's token ids, so both must use the same
-tokenizer (checked when the reward run has one). Everything here only reads files.
+A model source is a preset (random init, ``--model-overrides``), a Hugging Face model directory
+or an earlier jaxalign run (``DIR`` or ``DIR/final``); its tokenizer is the run's
+``final/tokenizer`` or the directory's ``tokenizer.json`` (:func:`find_tokenizer`).
+:func:`model_source` is what ``sft|rm|dpo|ipo|orpo`` train and ``ppo``/``rs`` start from.
+For ``ppo`` and ``rs`` (:func:`load_policy_run`) ``--policy`` is such a source and ``--reward``
+a jaxalign ``rm`` run; the reward model reads the policy's token ids, so both must use the same
+tokenizer (checked when the reward run has one).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
 
+from jaxalign.cli.loop import RunError
+from jaxalign.distributed import is_main_process
+from jaxalign.cli.run_dir import final_dir, load_final
 from jaxalign.data import DataConfig, Dataset, load_jsonl
-from jaxalign.models import PRESETS, RewardModel
-from jaxalign.run_dir import final_dir, load_final
-from jaxalign.run_loop import RunError, is_main
-from jaxalign.runner import model_source
-from jaxalign.tokenizer import Tokenizer
+from jaxalign.models import (
+    PRESETS, CausalLM, RewardModel, get_config, init_head_from_causal_lm, init_params, load_hf,
+)
+from jaxalign.tokenizer import Tokenizer, apply_chat_template
 
-__all__ = ["PolicyRun", "is_run_dir", "load_policy_run"]
+__all__ = ["PolicyRun", "data_texts", "find_tokenizer", "is_run_dir", "load_policy_run",
+           "load_tokenizer", "model_source"]
 
 
 class PolicyRun(NamedTuple):
@@ -44,19 +53,97 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return True
 
 
-def _tokenizer(config: Any) -> Tokenizer:
-    if config.tokenizer is not None:
-        source = Path(config.tokenizer)
-    elif is_run_dir(config.policy):
-        source = final_dir(config.policy) / "tokenizer"
-    elif os.path.isdir(config.policy):
-        source = Path(config.policy)
-    else:
-        source = final_dir(config.reward) / "tokenizer"  # a preset policy
-    if not (source.is_file() or (source / "tokenizer.json").is_file()):
-        raise RunError(f"no tokenizer at {source} (expected a tokenizer.json or a directory"
+def find_tokenizer(explicit: str | None, *sources: str | None) -> Path | None:
+    """Where a run's tokenizer is: ``explicit`` (``--tokenizer``), else that of the first model
+    source (a finished run's ``final/tokenizer``, a directory itself) in ``sources``; ``None``
+    when every source is a preset or missing."""
+    if explicit is not None:
+        return Path(explicit)
+    for source in sources:
+        if source is None:
+            continue
+        if is_run_dir(source):
+            return final_dir(source) / "tokenizer"
+        if os.path.isdir(source):
+            return Path(source)
+    return None
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer at ``path`` (a tokenizer.json or a directory holding one)."""
+    if not (path.is_file() or (path / "tokenizer.json").is_file()):
+        raise RunError(f"no tokenizer at {path} (expected a tokenizer.json or a directory"
                        " holding one; pass --tokenizer)")
-    return Tokenizer.from_file(source)
+    return Tokenizer.from_file(path)
+
+
+def data_texts(path: str) -> Iterator[str]:
+    """Every text of a JSONL file, to train a tokenizer on (bad lines are left to the loader)."""
+    with open(path, "rb") as f:
+        for raw_line in f:
+            try:
+                record = json.loads(raw_line)
+                values = [record.get(k) for k in ("prompt", "chosen", "rejected", "completion")]
+                values += record.get("responses") or []
+            except (ValueError, AttributeError, TypeError):
+                continue
+            for value in values:
+                try:
+                    yield value if isinstance(value, str) else apply_chat_template(value)
+                except (ValueError, TypeError):
+                    continue
+
+
+def model_source(kind: str, tokenizer: Tokenizer, *, model: str = "tiny",
+                 init_from: str | None = None, model_overrides: dict | None = None,
+                 flag: str | None = None) -> tuple[Any, Callable[[jax.Array], Any]]:
+    """The model a ``kind`` run trains and ``key -> initial params``: a preset ``model`` (with
+    ``model_overrides`` and the tokenizer's vocabulary; initialised lazily, so that bad data is
+    reported before any compilation), an HF directory ``model``, or an earlier run
+    ``init_from``. ``rm`` puts a score head on a causal LM's trunk; other kinds need a causal
+    LM. ``flag`` names the source in messages (default ``--init-from DIR`` / ``--model X``)."""
+    if init_from is not None or os.path.isdir(model):
+        if model_overrides:
+            raise RunError("--model-overrides applies to presets, not to --init-from or an HF"
+                           " model directory")
+        if init_from is not None:
+            source = flag or f"--init-from {init_from}"
+            model, params, _ = load_final(init_from)
+        else:
+            source = flag or f"--model {model}"
+            try:
+                model, params = load_hf(model)
+            except (OSError, ValueError, KeyError) as error:
+                raise RunError(f"{source}: cannot load a Hugging Face model: {error}") from None
+        make_params = lambda key: params  # noqa: E731
+    else:
+        source = flag or f"--model {model}"
+        model_overrides = model_overrides or {}
+        overrides = {**model_overrides, "vocab_size": tokenizer.vocab_size}
+        if model_overrides.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
+            raise RunError(f"model_overrides vocab_size={model_overrides['vocab_size']}"
+                           f" is smaller than the tokenizer's {tokenizer.vocab_size} ids")
+        try:
+            model_config = get_config(model, **overrides)
+        except TypeError as error:
+            raise RunError(f"bad --model-overrides: {error}") from None
+        model = (RewardModel if kind == "rm" else CausalLM)(model_config)
+        make_params = _init_fn(model)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise RunError(f"the tokenizer has {tokenizer.vocab_size} ids but {source} has"
+                       f" vocab_size={model.config.vocab_size}")
+    if kind == "rm" and not isinstance(model, RewardModel):
+        lm_params = make_params(None)
+        model = RewardModel(model.config)
+        make_params = functools.partial(init_head_from_causal_lm, model, lm_params)
+    elif kind != "rm" and not isinstance(model, CausalLM):
+        raise RunError(f"{kind} trains a causal LM but {source} holds a {type(model).__name__}")
+    return model, make_params
+
+
+@functools.lru_cache(maxsize=4)
+def _init_fn(model: Any) -> Any:
+    return jax.jit(functools.partial(init_params, model))  # eagerly: ~100 compilations
 
 
 def _vocabulary(tokenizer: Tokenizer) -> dict[str, int]:
@@ -83,7 +170,7 @@ def load_policy_run(kind: str, config: Any) -> PolicyRun:
     if not isinstance(reward, RewardModel):
         raise RunError(f"--reward {config.reward} holds a {type(reward).__name__}; {kind} needs"
                        " the reward model of a 'jaxalign rm' run")
-    tokenizer = _tokenizer(config)
+    tokenizer = load_tokenizer(find_tokenizer(config.tokenizer, config.policy, config.reward))
     reward_tokenizer = final_dir(config.reward) / "tokenizer"
     if (reward_tokenizer / "tokenizer.json").is_file() and (
             _vocabulary(Tokenizer.from_file(reward_tokenizer)) != _vocabulary(tokenizer)):
@@ -104,7 +191,7 @@ def load_policy_run(kind: str, config: Any) -> PolicyRun:
     prompts = load_jsonl(config.prompts, tokenizer, kind="prompt", config=DataConfig(
         max_length=max(prompt_length, 2), max_prompt_length=prompt_length,
         pad_multiple=config.pad_multiple, on_bad_record=config.on_bad_record))
-    if is_main():
+    if is_main_process():
         print(prompts.report.summary(), file=sys.stderr)
     return PolicyRun(tokenizer, policy, make_params, reward, reward_params, prompts,
                      prompt_length)
