@@ -53,7 +53,8 @@ def _prompts():
 def worker_jax(iterations: int) -> dict:
     import jax
 
-    from jaxalign import rlhf, train
+    from jaxalign import train
+    from jaxalign.train import rlhf
     from jaxalign.models import CausalLM, RewardModel, ValueModel, init_params
     from jaxalign.sampling import make_generate
 
