@@ -23,12 +23,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
+    "betas",
     "extreme_logps",
     "logits",
     "logps",
     "masked_rollouts",
     "preference_logps",
     "rewards",
+    "unpaired_logps",
 ]
 
 #: Log-probs a real model produces: from "certain" down to very unlikely sequences.
@@ -47,10 +49,14 @@ def logps(shape, *, min_value: float = LOGP_MIN, max_value: float = 0.0) -> st.S
     return hnp.arrays(np.float32, shape, elements=_floats(min_value, max_value))
 
 
+def _extreme_floats() -> st.SearchStrategy[float]:
+    special = st.sampled_from([-1e4, -1e-7, 0.0, -1e-30, -80.0])
+    return st.one_of(special, _floats(-1e4, 0.0))
+
+
 def extreme_logps(shape) -> st.SearchStrategy:
     """Log-prob arrays mixing ordinary values with the extremes −1e4, −1e−7 and 0."""
-    special = st.sampled_from([-1e4, -1e-7, 0.0, -1e-30, -80.0])
-    return hnp.arrays(np.float32, shape, elements=st.one_of(special, _floats(-1e4, 0.0)))
+    return hnp.arrays(np.float32, shape, elements=_extreme_floats())
 
 
 def rewards(shape, *, bound: float = 20.0) -> st.SearchStrategy:
@@ -64,16 +70,49 @@ def preference_logps(
     *,
     batch_size: st.SearchStrategy[int] = st.integers(1, 8),
     min_value: float = LOGP_MIN,
+    extreme: bool = False,
 ):
-    """Batches of the four sequence log-probs that DPO and IPO take.
+    """Batches of the four sequence log-probs that DPO, IPO and their variants take.
 
     Returns a dict with ``policy_chosen_logps``, ``policy_rejected_logps``,
     ``ref_chosen_logps`` and ``ref_rejected_logps``, each a ``[B]`` float32 array, so
-    ``dpo_loss(**batch)`` works.
+    ``dpo_loss(**batch)`` works. Values lie in ``[min_value, 0]``; with ``extreme`` they are
+    drawn as by :func:`extreme_logps` instead (−1e4, −1e−7 and 0 among them).
     """
     size = draw(batch_size)
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-    return {name: draw(logps((size,), min_value=min_value)) for name in names}
+    strategy = extreme_logps((size,)) if extreme else logps((size,), min_value=min_value)
+    return {name: draw(strategy) for name in names}
+
+
+def betas(*, min_value: float = 0.01, max_value: float = 2.0) -> st.SearchStrategy[float]:
+    """Python-float inverse temperatures β in ``[min_value, max_value]`` (TRL's default is 0.1)."""
+    return st.floats(min_value=min_value, max_value=max_value, allow_nan=False)
+
+
+@st.composite
+def unpaired_logps(
+    draw,
+    *,
+    batch_size: st.SearchStrategy[int] = st.integers(1, 8),
+    min_value: float = LOGP_MIN,
+    extreme: bool = False,
+):
+    """Batches of binary-feedback examples, the inputs of KTO and BCO.
+
+    Returns a dict with ``policy_logps`` and ``ref_logps`` (``[B]`` float32 sequence log-probs
+    in ``[min_value, 0]``) and ``desirable`` (``[B]`` bool, both labels possible in one batch),
+    so ``kto_loss(**batch, kl_baseline=z0)`` works. With ``extreme`` the log-probs are drawn
+    as by :func:`extreme_logps` instead (−1e4, −1e−7 and 0 among them).
+    """
+    size = draw(batch_size)
+    values = _extreme_floats() if extreme else _floats(min_value, 0.0)
+    draw_logps = lambda: draw(hnp.arrays(np.float32, (size,), elements=values))  # noqa: E731
+    return {
+        "policy_logps": draw_logps(),
+        "ref_logps": draw_logps(),
+        "desirable": draw(hnp.arrays(np.bool_, (size,))),
+    }
 
 
 @st.composite

@@ -16,10 +16,10 @@ from jaxalign.losses._common import _f32, _same_shape
 _MAX_MEAN_LOGP = -1e-7
 
 
-def _preference_margin(
+def _log_ratios(
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-) -> jax.Array:
-    """``h = (π_c − ref_c) − (π_r − ref_r)``, the implicit-reward margin of DPO and IPO."""
+) -> tuple[jax.Array, jax.Array]:
+    """``(r_c, r_r) = (π_c − ref_c, π_r − ref_r)``, each response's policy/reference log-ratio."""
     args = dict(
         policy_chosen_logps=_f32(policy_chosen_logps),
         policy_rejected_logps=_f32(policy_rejected_logps),
@@ -29,6 +29,16 @@ def _preference_margin(
     _same_shape(**args)
     chosen = args["policy_chosen_logps"] - args["ref_chosen_logps"]
     rejected = args["policy_rejected_logps"] - args["ref_rejected_logps"]
+    return chosen, rejected
+
+
+def _preference_margin(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+) -> jax.Array:
+    """``h = (π_c − ref_c) − (π_r − ref_r)``, the implicit-reward margin of DPO and IPO."""
+    chosen, rejected = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     return chosen - rejected
 
 
