@@ -93,7 +93,7 @@ def worker_jax(kind: str, steps: int) -> dict:
         params = init_params(model, key)
         step = train.make_preference_step(model, opt, loss="dpo", beta=0.1)
         if kind == "dpo_pre":
-            ref = train.make_reference_logps_fn(model, loss="dpo")(params, pref)
+            ref = train.make_reference_logps_fn(model)(params, pref)
             batch = {**pref, **jax.device_get(ref)}
             state = train.create_train_state(params, opt, key)
         else:

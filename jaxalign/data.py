@@ -7,6 +7,8 @@ Record kinds (one JSON object per line; blank lines are ignored; extra fields ar
     ranking     {"prompt", "responses": [K], "ranking": [K ints]}   ranking[i] = rank of
                 responses[i], 0 best, equal ranks = ties; K must be the same in the whole file
     sft         {"prompt", "completion"}
+    unpaired    {"prompt", "completion", "label": true | false}     KTO/BCO: a desirable (true) or
+                                                                    undesirable (false) completion
     prompt      {"prompt"}                                          prompts for RLHF generation
 
 Each text field is a string, or (conversational records) a list of `{"role", "content"}`
@@ -26,6 +28,10 @@ Batches (numpy; ids and masks int32, `L` = the batch's length bucket, see `bucke
                 margin [B] float32, p_chosen [B] float32
     ranking     ids, attention_mask, completion_mask [B, K, L]; ranks [B, K] int32
     sft         input_ids, attention_mask, completion_mask [B, L]
+    unpaired    input_ids, attention_mask, completion_mask [B, L]; desirable [B] float32 (1/0);
+                kl_input_ids, kl_attention_mask, kl_completion_mask [B, L]: row i's prompt with
+                row (i + 1) mod B's completion (the mismatched pairs KTO estimates its KL
+                baseline from, as TRL builds them; the completion cut to fit max_length)
     prompt      prompt_ids, prompt_mask [B, P]   (LEFT-padded, ready for generation)
 
 Sequences are right-padded; `attention_mask` is 1 on real tokens, `completion_mask` 1 on
@@ -50,14 +56,17 @@ import numpy as np
 from jaxalign.tokenizer import Tokenizer, apply_chat_template, pad_rows, render_completion
 
 __all__ = [
-    "BadRecord", "DataConfig", "DataError", "DataLoader", "DataReport", "Dataset", "Example",
+    "RECORD_KINDS", "BadRecord", "DataConfig", "DataError", "DataLoader", "DataReport",
+    "Dataset", "Example",
     "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl", "read_records",
 ]
 
 T = TypeVar("T")
 
-RecordKind = Literal["preference", "ranking", "sft", "prompt"]
-_COMPLETION_FIELDS = {"preference": ("chosen", "rejected"), "sft": ("completion",), "prompt": ()}
+RecordKind = Literal["preference", "ranking", "sft", "unpaired", "prompt"]
+RECORD_KINDS = ("preference", "ranking", "sft", "unpaired", "prompt")
+_COMPLETION_FIELDS = {"preference": ("chosen", "rejected"), "sft": ("completion",),
+                      "unpaired": ("completion",), "prompt": ()}
 
 
 class DataError(ValueError):
@@ -137,6 +146,7 @@ class Example:
     margin: float = 0.0
     p_chosen: float = 1.0
     ranks: tuple[int, ...] = ()
+    desirable: bool = True  # unpaired records' label
 
 
 def detect_kind(record: Mapping[str, Any]) -> RecordKind:
@@ -145,12 +155,14 @@ def detect_kind(record: Mapping[str, Any]) -> RecordKind:
         return "ranking"
     if "chosen" in record or "rejected" in record:
         return "preference"
+    if "completion" in record and "label" in record:
+        return "unpaired"
     if "completion" in record:
         return "sft"
     if "prompt" in record:
         return "prompt"
     raise ValueError("cannot tell the record kind: expected 'prompt' with 'chosen' and 'rejected',"
-                     " 'responses' and 'ranking', 'completion', or alone")
+                     " 'responses' and 'ranking', 'completion' (and 'label'), or alone")
 
 
 def detect_file_kind(path: str | os.PathLike) -> RecordKind:
@@ -281,7 +293,17 @@ def _parse(record: Any, kind: RecordKind, encoder: _Encoder, num_responses: int 
         raise BadRecord("'chosen' and 'rejected' are identical after truncation to"
                          f" max_length={encoder.config.max_length}")
     ranks = tuple(record["ranking"]) if kind == "ranking" else ()
-    return Example(prompt_ids, completion_ids, margin=margin, p_chosen=p_chosen, ranks=ranks)
+    desirable = _label(record) if kind == "unpaired" else True
+    return Example(prompt_ids, completion_ids, margin=margin, p_chosen=p_chosen, ranks=ranks,
+                   desirable=desirable)
+
+
+def _label(record: Mapping[str, Any]) -> bool:
+    """An unpaired record's ``label``: true (desirable) or false (undesirable)."""
+    value = _get(record, "label")
+    if not isinstance(value, bool):
+        raise BadRecord(f"field 'label' must be true or false, got {json.dumps(value)}")
+    return value
 
 
 @dataclasses.dataclass
@@ -308,6 +330,8 @@ class Dataset:
             rows = [e.prompt_ids for e in examples]
             prompt_ids, prompt_mask = pad_rows(rows, length, pad_id=self.pad_id, side="left")
             return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+        if self.kind == "unpaired":
+            return self._unpaired_batch(examples)
         num_completions = len(examples[0].completion_ids)
         longest = max(len(e.prompt_ids) + len(c) for e in examples for c in e.completion_ids)
         length = bucket_length(longest, pad_multiple=config.pad_multiple, max_length=config.max_length,
@@ -337,6 +361,31 @@ class Dataset:
             batch[f"{side}_completion_mask"] = completion_mask[:, k]
         batch["margin"] = np.asarray([e.margin for e in examples], dtype=np.float32)
         batch["p_chosen"] = np.asarray([e.p_chosen for e in examples], dtype=np.float32)
+        return batch
+
+    def _unpaired_batch(self, examples: list[Example]) -> dict[str, np.ndarray]:
+        """Each example's own sequence and its KL sequence: its prompt with the next example's
+        completion (cut to ``max_length``), both right-padded to one length bucket."""
+        config = self.config
+        own = [(e.prompt_ids, e.completion_ids[0]) for e in examples]
+        mismatched = [(e.prompt_ids, examples[(b + 1) % len(examples)].completion_ids[0]
+                       [:max(config.max_length - len(e.prompt_ids), 0)])
+                      for b, e in enumerate(examples)]
+        longest = max(len(p) + len(c) for p, c in own + mismatched)
+        length = bucket_length(longest, pad_multiple=config.pad_multiple,
+                               max_length=config.max_length, pad_to_max=config.pad_to_max)
+        batch = {"desirable": np.asarray([e.desirable for e in examples], dtype=np.float32)}
+        for prefix, pairs in (("", own), ("kl_", mismatched)):
+            ids = np.full((len(pairs), length), self.pad_id, dtype=np.int32)
+            attention_mask = np.zeros_like(ids)
+            completion_mask = np.zeros_like(ids)
+            for b, (prompt, completion) in enumerate(pairs):
+                start, end = len(prompt), len(prompt) + len(completion)
+                ids[b, :start], ids[b, start:end] = prompt, completion
+                attention_mask[b, :end] = 1
+                completion_mask[b, start:end] = 1
+            batch.update({f"{prefix}input_ids": ids, f"{prefix}attention_mask": attention_mask,
+                          f"{prefix}completion_mask": completion_mask})
         return batch
 
 
@@ -401,7 +450,8 @@ def load_jsonl(
     Args:
         path: the JSONL file.
         tokenizer: a `jaxalign.tokenizer.Tokenizer`.
-        kind: "preference", "ranking", "sft" or "prompt"; None = detected from the first record.
+        kind: "preference", "ranking", "sft", "unpaired" or "prompt"; None = detected from the
+            first record.
             Fields a kind does not use are ignored (a preference file can serve as prompts).
         config: truncation, padding and bad-record policy.
 
@@ -410,7 +460,7 @@ def load_jsonl(
             or `"{path}: no usable records"` when nothing is left.
     """
     path = os.fspath(path)
-    if kind is not None and kind not in ("preference", "ranking", "sft", "prompt"):
+    if kind is not None and kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
     report = DataReport(path=path, kind=kind or "unknown")
     encoder: _Encoder | None = None

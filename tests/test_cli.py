@@ -27,8 +27,9 @@ from jaxalign.tokenizer import Tokenizer
 # Smaller than the tiny preset: one layer, width 32 (the vocabulary comes from the tokenizer).
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}
 WORDS = ["apple", "banana", "cherry", "dog", "cat", "sun", "moon", "tree"]
-STEPS = {"sft": 16, "rm": 16, "dpo": 16, "ipo": 12, "orpo": 16}
-LEARNING_RATES = {"sft": "1e-2", "rm": "3e-3", "dpo": "3e-3", "ipo": "3e-3", "orpo": "1e-2"}
+STEPS = {"sft": 16, "rm": 16, "dpo": 16, "ipo": 12, "orpo": 16, "kto": 16}
+LEARNING_RATES = {"sft": "1e-2", "rm": "3e-3", "dpo": "3e-3", "ipo": "3e-3", "orpo": "1e-2",
+                  "kto": "3e-3"}
 KIND_FLAGS = {"ipo": ("--beta", "1.0")}  # IPO's target margin 1/(2β) = 0.5, loss starts at 0.25
 RESUME_AT = 6  # the IPO run is also interrupted here and resumed
 
@@ -73,7 +74,10 @@ def data(tmp_path_factory):
     bad_records = list(pref_records)
     bad_records.insert(3, {"prompt": "Say dog:", "chosen": " yes dog good"})
     bad = _write_jsonl(root / "pref_bad.jsonl", bad_records)
-    return {"sft": sft, "pref": pref, "bad": bad}
+    unpaired = _write_jsonl(root / "unpaired.jsonl", [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in pref_records for side in ("chosen", "rejected")])
+    return {"sft": sft, "pref": pref, "bad": bad, "unpaired": unpaired}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,8 @@ def runs(tmp_path_factory, data):
                                                   "--init-from", str(get("sft").out))
             elif kind == "dpo":
                 extra = ("--precompute-ref",)
+            elif kind == "kto":
+                data_file = data["unpaired"]
             with pytest.MonkeyPatch.context() as mp:
                 tee, stdout = _Tee(sys.stderr), _Tee(sys.stdout)
                 mp.setattr(sys, "stderr", tee)
@@ -135,7 +141,7 @@ class _Tee:
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.mark.parametrize("kind", ["sft", "rm", "dpo", "ipo", "orpo"])
+@pytest.mark.parametrize("kind", ["sft", "rm", "dpo", "ipo", "orpo", "kto"])
 def test_each_command_trains_and_its_loss_falls(runs, kind):
     run = runs(kind)
     out = run.out
@@ -193,8 +199,8 @@ def test_run_training_python_api_returns_the_summary(runs):
     assert set(summary["final_metrics"]) >= {"loss", "nll", "log_odds_ratio", "grad_norm"}
     with pytest.raises(cli.ConfigError, match="unknown config key 'epochs'"):
         cli.run_training("orpo", {"data": "x", "out": "y", "epochs": 2})
-    with pytest.raises(cli.ConfigError, match="unknown command 'kto'"):
-        cli.run_training("kto", {})
+    with pytest.raises(cli.ConfigError, match="unknown command 'xpo'"):
+        cli.run_training("xpo", {})
 
 
 # ------------------------------------------------------------------------------ HF interop
@@ -299,6 +305,32 @@ def test_wrong_record_kind_and_unknown_preset_are_errors(data, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------ options
+def test_loss_combinations_and_their_weights_from_flags_and_files(tmp_path, data, capsys):
+    _, config = cli.parse_args(["dpo", "--loss", "hinge,sft", "--loss-weights", "1,0.5",
+                                "--ref-sync-every", "4"])
+    assert config.preference.loss == ("hinge", "sft")
+    assert config.preference.loss_weights == (1.0, 0.5)
+    assert config.preference_config("dpo").ref_sync_every == 4
+    # ipo / orpo / kto are dpo with their own default loss; an explicit --loss wins
+    assert cli.make_config({}, command="ipo").preference_config("ipo").loss == ("ipo",)
+    assert cli.make_config({"loss": "simpo"}).preference_config("orpo").loss == ("simpo",)
+    assert cli.make_config({"loss": ["dpo", "sft"]}).preference.loss == ("dpo", "sft")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["dpo", "--loss", "dpo,bogus"])
+    assert "option 'loss' must be one of" in capsys.readouterr().err
+    with pytest.raises(cli.ConfigError, match="loss_weights has 1 entries for 2 losses"):
+        cli.make_config({"loss": "dpo,sft", "loss_weights": [1.0]})
+    with pytest.raises(cli.ConfigError, match="precompute_ref fixes the reference"):
+        cli.make_config({"precompute_ref": True, "ref_sync_every": 2})
+    out = tmp_path / "combo"
+    assert cli.main(_flags("dpo", data["pref"], out, "--loss", "dpo,sft", "--loss-weights",
+                           "1,0.5", "--steps", "6")) == 0
+    metrics = _metrics(out)
+    assert all(m["loss"] == pytest.approx(m["loss/dpo"] + 0.5 * m["loss/sft"], rel=1e-5)
+               for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
 def test_config_file_is_merged_and_flags_win(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data: d.jsonl\nout: runs/x\nsteps: 7\nlr: 1e-3\nbeta: 0.5\n"
@@ -307,7 +339,7 @@ def test_config_file_is_merged_and_flags_win(tmp_path):
                                    "--no-precompute-ref"])
     assert kind == "dpo"
     assert config.steps == 3 and config.precompute_ref is False  # flags win
-    assert config.lr == 1e-3 and config.beta == 0.5 and config.data == "d.jsonl"  # file
+    assert config.lr == 1e-3 and config.preference.beta == 0.5 and config.data == "d.jsonl"  # file
     assert config.model_overrides == {"n_layers": 1} and config.batch_size == 8  # file, default
     json_path = tmp_path / "run.json"
     json_path.write_text(json.dumps({"steps": 5, "seed": 3}))
@@ -346,10 +378,11 @@ def test_help_documents_every_option_with_its_default(capsys):
         text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
         for field in dataclasses.fields(cli.config_class(kind)):
             embedded = field.metadata.get("embed")  # a library config: its fields are options
-            if embedded is not None:
+            commands = field.metadata["commands"]
+            if embedded is not None and (commands is None or kind in commands):
                 names = [f.name for f in dataclasses.fields(embedded)
                          if f.name not in field.metadata["exclude"]]
-            elif field.metadata["commands"] is None or kind in field.metadata["commands"]:
+            elif embedded is None and (commands is None or kind in commands):
                 names = [field.name]
             else:
                 names = []
@@ -364,7 +397,9 @@ def test_help_documents_every_option_with_its_default(capsys):
         assert "--config FILE.yaml" in text
         if kind in (*cli.TRAIN_COMMANDS, "ppo"):
             assert "--steps N" in text and "(default: 100)" in text
-        assert ("--beta" in text) == (kind in ("dpo", "ipo"))
+        assert ("--beta" in text) == (kind in ("dpo", "ipo", "orpo", "kto"))
+        assert ("--loss-weights X,X" in text) == (kind in ("dpo", "ipo", "orpo", "kto"))
+        assert ("--precompute-ref" in text) == (kind in ("dpo", "ipo"))
         assert ("--include-prompt" in text) == (kind == "sft")
 
 

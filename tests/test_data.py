@@ -257,3 +257,33 @@ def test_loader_resume_sees_the_same_batches(sft_dataset) -> None:
         DataLoader(sft_dataset, batch_size=4, seed=4).restore(saved)
     with pytest.raises(ValueError, match="does not fit a dataset of 10 examples"):
         DataLoader(sft_dataset, batch_size=11)
+
+
+def test_unpaired_batch_pairs_each_prompt_with_the_next_completion(tok: Tokenizer,
+                                                                   tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": "ab", "completion": "cde", "label": True},
+        {"prompt": "xyz", "completion": "u", "label": False},
+    ])
+    dataset = load_jsonl(path, tok, config=DataConfig(max_length=16, pad_multiple=4))
+    assert dataset.kind == "unpaired" and detect_kind({"prompt": "p", "completion": "c",
+                                                       "label": False}) == "unpaired"
+    batch = dataset.collate([0, 1])
+    np.testing.assert_array_equal(batch["desirable"], [1.0, 0.0])
+    np.testing.assert_array_equal(batch["input_ids"][0], [BOS, *ids(tok, "abcde"), EOS, PAD])
+    np.testing.assert_array_equal(batch["completion_mask"][1], [0, 0, 0, 0, 1, 1, 0, 0])
+    # KL rows: row 0's prompt with row 1's completion, row 1's prompt with row 0's
+    np.testing.assert_array_equal(batch["kl_input_ids"][0], [BOS, *ids(tok, "abu"), EOS, 0, 0, 0])
+    np.testing.assert_array_equal(batch["kl_input_ids"][1], [BOS, *ids(tok, "xyzcde"), EOS])
+    np.testing.assert_array_equal(batch["kl_completion_mask"][1], [0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(batch["kl_attention_mask"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("label", ["yes", 1, None])
+def test_unpaired_label_must_be_a_boolean(tok: Tokenizer, tmp_path: Path, label) -> None:
+    good = {"prompt": "p", "completion": "c", "label": True}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, {**good, "label": label}])
+    with pytest.raises(DataError) as error:
+        load_jsonl(path, tok, config=DataConfig(max_length=16))
+    assert str(error.value) == (f"{path}:2: field 'label' must be true or false, got"
+                                f" {json.dumps(label)}")

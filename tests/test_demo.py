@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("sft", "ppo", "dpo", "ipo", "orpo")
+METHODS = ("sft", "ppo", "dpo", "ipo", "orpo", "simpo", "kto")
 METHOD_KEYS = ("gold_reward", "gold_reward_se", "kl_to_sft", "kl_to_sft_se", "win_rate_vs_sft",
                "win_rate_ci", "n", "examples", "hyperparameters")
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,8 @@ def _check_report(demo_runs):
     names = {t["name"] for t in report["targets"]}
     assert "reward_model.heldout_accuracy" in names and "orpo.win_rate_ci_low" in names
     assert "rlaif_dpo.win_rate_vs_sft" in names and "rlaif_dpo.win_rate_ci_low" in names
-    assert {p["method"] for p in report["frontier"]} >= {"sft", "dpo", "ipo", "orpo"}
+    assert {p["method"] for p in report["frontier"]} >= {"sft", "dpo", "ipo", "orpo", "simpo",
+                                                         "kto"}
     _check_ai_feedback(report)
 
 

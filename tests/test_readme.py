@@ -12,9 +12,9 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding=
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-def _block(heading: str) -> str:
+def _block(heading: str, index: int = 0) -> str:
     section = README.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
 
 
 def test_composing_the_losses_runs():
@@ -63,6 +63,18 @@ def test_compiled_dpo_step_runs():
     assert math.isfinite(float(metrics["loss"]))
     np.testing.assert_allclose(metrics["loss"], np.log(2), rtol=1e-5)  # policy == reference
     assert {"rewards/chosen", "rewards/accuracies"} <= set(metrics)
+
+
+def test_loss_family_examples_build_steps():
+    """The second block of "Compiled steps" (loss combinations, SimPO, TR-DPO, KTO) runs with
+    the model and optimiser of the first."""
+    from jaxalign import train
+    from jaxalign.models import CausalLM, get_config
+
+    namespace = {"train": train, "model": CausalLM(get_config("tiny")),
+                 "opt": train.make_optimizer(1e-3, total_steps=10)}
+    exec(_block("Compiled steps", 1), namespace)  # noqa: S102
+    assert all(isinstance(namespace[name], train.CompiledStep) for name in ("step", "kto"))
 
 
 def test_every_python_block_is_checked_or_compiles():

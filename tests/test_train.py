@@ -105,7 +105,7 @@ def test_precomputed_reference_equals_in_step_reference(lm_params):
         step = train.make_preference_step(model, opt, loss=loss, beta=0.2)
         state_a = train.create_train_state(_copy(lm_params), opt, jax.random.key(0), ref_params=ref_params)
         state_a, metrics_a = step(state_a, batch)
-        ref = train.make_reference_logps_fn(model, loss=loss)(ref_params, batch)
+        ref = train.make_reference_logps_fn(model)(ref_params, batch)  # sums serve both
         state_b = train.create_train_state(_copy(lm_params), opt, jax.random.key(0))
         state_b, metrics_b = step(state_b, {**batch, **ref})
         for k in metrics_a:
@@ -211,7 +211,11 @@ def test_ranking_of_two_equals_the_pair_loss():
 
 def test_bad_hyperparameters_are_named():
     with pytest.raises(ValueError, match="loss must be one of"):
+        train.make_preference_step(CausalLM(CFG), optax.sgd(0.1), loss="bogus")
+    with pytest.raises(ValueError, match="trains on unpaired data"):
         train.make_preference_step(CausalLM(CFG), optax.sgd(0.1), loss="kto")
+    with pytest.raises(ValueError, match="loss_weights has 1 entries for 2 losses"):
+        train.PreferenceConfig(loss="dpo,sft", loss_weights=(1.0,))
     with pytest.raises(ValueError, match="label_smoothing"):
         train.make_preference_step(CausalLM(CFG), optax.sgd(0.1), label_smoothing=0.7)
     with pytest.raises(ValueError, match="grad_accum_steps"):

@@ -3,6 +3,8 @@
     jaxalign sft --data sft.jsonl --out runs/sft --model small --steps 500
     jaxalign rm  --data prefs.jsonl --out runs/rm --init-from runs/sft
     jaxalign dpo --data prefs.jsonl --out runs/dpo --init-from runs/sft --beta 0.1 --precompute-ref
+    jaxalign dpo --data prefs.jsonl --out runs/rpo --loss dpo,sft --loss-weights 1,0.5
+    jaxalign kto --data unpaired.jsonl --out runs/kto --init-from runs/sft   # {prompt, completion, label}
     jaxalign dpo --config runs/dpo.yaml --steps 1000          # file values, flags win
     jaxalign dpo --out runs/dpo --data prefs.jsonl --resume   # continue from the last checkpoint
     jaxalign ppo --prompts p.jsonl --policy runs/sft --reward runs/rm --out runs/ppo --mesh data=4
@@ -47,6 +49,7 @@ TRAIN_COMMANDS = {
     "dpo": "direct preference optimisation on {prompt, chosen, rejected}",
     "ipo": "identity preference optimisation on {prompt, chosen, rejected}",
     "orpo": "odds-ratio preference optimisation (no reference model) on {prompt, chosen, rejected}",
+    "kto": "KTO (or --loss bco) on unpaired {prompt, completion, label} records",
 }
 COMMANDS = {
     **TRAIN_COMMANDS,

@@ -11,9 +11,10 @@ from typing import Any
 
 from jaxalign.cli.options import ConfigError, embed, option
 from jaxalign.train.optim import OptimizerConfig
+from jaxalign.train.preference import PreferenceConfig
 from jaxalign.train.rlhf_config import RLHFConfig
 
-__all__ = ["LabelConfig", "PPOConfig", "RSConfig", "TrainConfig"]
+__all__ = ["PREFERENCE_COMMANDS", "LabelConfig", "PPOConfig", "RSConfig", "TrainConfig"]
 
 
 def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
@@ -31,6 +32,7 @@ def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = (
 
 
 _REF = ("dpo", "ipo")
+PREFERENCE_COMMANDS = ("dpo", "ipo", "orpo", "kto")  # the commands of PreferenceConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +59,7 @@ class TrainConfig:
     lr: float = option(1e-4, "peak learning rate (AdamW)", type=float)
     optimizer: OptimizerConfig = embed(OptimizerConfig, after="lr")
     grad_accum_steps: int = option(1, "batches averaged per optimiser update", type=int)
-    beta: float = option(0.1, "DPO/IPO temperature beta", type=float, commands=_REF)
-    label_smoothing: float = option(0.0, "conservative DPO label smoothing in [0, 0.5)", type=float,
-                                  commands=("dpo",))
-    orpo_lambda: float = option(0.1, "ORPO odds-ratio weight lambda (TRL's beta)", type=float,
-                                commands=("orpo",))
+    preference: PreferenceConfig = embed(PreferenceConfig, commands=PREFERENCE_COMMANDS)
     center_coef: float = option(0.0, "reward centring coefficient (mean (r_c + r_r)^2)",
                               type=float, commands=("rm",))
     include_prompt: bool = option(False, "also train on prompt tokens", type=bool,
@@ -88,8 +86,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self, ("steps", "batch_size", "grad_accum_steps", "pad_multiple", "save_every",
                       "keep", "log_every"), ("stop_at", "max_length", "max_prompt_length"))
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.precompute_ref and self.preference.ref_sync_every is not None:
+            raise ConfigError("precompute_ref fixes the reference log-probs, but ref_sync_every"
+                              f"={self.preference.ref_sync_every} moves the reference (TR-DPO):"
+                              " choose one")
 
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` (the schedule spans the
@@ -98,13 +98,19 @@ class TrainConfig:
         return {"learning_rate": self.lr, "total_steps": updates,
                 **dataclasses.asdict(self.optimizer), "grad_accum_steps": self.grad_accum_steps}
 
+    def preference_config(self, kind: str) -> PreferenceConfig:
+        """The step's :class:`PreferenceConfig`: ``ipo``, ``orpo`` and ``kto`` are ``dpo`` with
+        their own loss as the default ``--loss``."""
+        if kind != "dpo" and self.preference.loss == PreferenceConfig.loss:
+            return dataclasses.replace(self.preference, loss=(kind,))
+        return self.preference
+
     def step_options(self, kind: str) -> dict[str, Any]:
         """Keyword arguments of the ``make_X_step`` factory of command ``kind``."""
+        if kind in PREFERENCE_COMMANDS:
+            return {"config": self.preference_config(kind)}
         return {"sft": {"include_prompt": self.include_prompt},
-                "rm": {"center_coef": self.center_coef},
-                "dpo": {"beta": self.beta, "label_smoothing": self.label_smoothing},
-                "ipo": {"beta": self.beta},
-                "orpo": {"orpo_lambda": self.orpo_lambda}}[kind]
+                "rm": {"center_coef": self.center_coef}}[kind]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,11 +49,13 @@ def option(default: Any, help: str, *, type: Any = str, commands: tuple[str, ...
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def embed(cls: type, *, after: str | None = None, exclude: tuple[str, ...] = ()) -> Any:
+def embed(cls: type, *, after: str | None = None, exclude: tuple[str, ...] = (),
+          commands: tuple[str, ...] | None = None) -> Any:
     """A field holding a library config ``cls`` whose fields (less ``exclude``) are options of
-    the command, under their own names; their flags are listed after the option ``after``."""
+    the command, under their own names; their flags are listed after the option ``after``.
+    ``commands``: the commands that take them (``None``: every command of the dataclass)."""
     return dataclasses.field(default_factory=cls, metadata={
-        "embed": cls, "after": after, "exclude": exclude})
+        "embed": cls, "after": after, "exclude": exclude, "commands": commands})
 
 
 class _Option(NamedTuple):
@@ -67,11 +69,15 @@ class _Option(NamedTuple):
     help: str
     commands: tuple[str, ...] | None
     metavar: str | None
+    item: Any = None  # the element type of a tuple option (comma-separated on the command line)
 
 
 def _resolve(hint: Any) -> tuple[Any, bool, tuple | None]:
-    """``(type, nullable, choices)`` of an annotation: ``X | None``, ``Literal[...]``, plain."""
+    """``(type, nullable, choices)`` of an annotation: ``X | None``, ``Literal[...]``,
+    ``tuple[X, ...]`` (type ``(tuple, X)``), plain."""
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return (tuple, args[0]), False, None
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         kinds = [a for a in args if a is not type(None)]
         kind, _, choices = _resolve(kinds[0]) if len(kinds) == 1 else (None, False, None)
@@ -81,16 +87,21 @@ def _resolve(hint: Any) -> tuple[Any, bool, tuple | None]:
     return (dict if typing.get_origin(hint) is dict else hint), False, None
 
 
-def _spec(field: dataclasses.Field, hint: Any, parent: str | None) -> _Option:
+def _spec(field: dataclasses.Field, hint: Any, parent: str | None,
+          commands: tuple[str, ...] | None = None) -> _Option:
     meta = field.metadata
     if "type" in meta:  # an option() field: everything is declared
         return _Option(field, parent, meta["type"], meta["nullable"], meta["choices"],
                        meta["help"], meta["commands"], meta["metavar"])
     kind, nullable, choices = _resolve(hint)  # a setting() of a library config
-    if kind not in _TYPE_NAMES:
+    item = None
+    if isinstance(kind, tuple):
+        kind, item = kind
+    if kind not in _TYPE_NAMES or (item is not None and item not in (int, float, str)):
         raise TypeError(f"setting {field.name!r}: cannot make an option of type {hint!r}")
+    metavar = None if item is None else {int: "N,N", float: "X,X"}.get(item, "A,B")
     return _Option(field, parent, kind, nullable, meta.get("choices") or choices, meta["help"],
-                   None, None)
+                   commands, metavar, item)
 
 
 @functools.cache
@@ -108,11 +119,13 @@ def _options(cls: type) -> dict[str, _Option]:
             if sub.name not in field.metadata["exclude"]:
                 if sub.name in result or sub.name in {f.name for f in dataclasses.fields(cls)}:
                     raise TypeError(f"{cls.__name__}: option {sub.name!r} is declared twice")
-                result[sub.name] = _spec(sub, inner_hints[sub.name], field.name)
+                result[sub.name] = _spec(sub, inner_hints[sub.name], field.name,
+                                         field.metadata["commands"])
     return result
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a list (or a comma-separated string)",
                dict: "a mapping (or a JSON object string)"}
 
 
@@ -121,6 +134,12 @@ def _coerce(spec: _Option, value: Any) -> Any:
     name, kind = spec.field.name, spec.type
     if value is None and spec.nullable:
         return None
+    if kind is tuple:  # each element checked as an option of the element type
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ConfigError(f"config key '{name}' must be {_TYPE_NAMES[tuple]}, got {value!r}")
+        element = spec._replace(type=spec.item, item=None, nullable=False)
+        return tuple(_coerce(element, v.strip() if isinstance(v, str) else v) for v in items)
     if kind is str and isinstance(value, os.PathLike):
         value = os.fspath(value)
     if kind is dict and isinstance(value, str):
@@ -227,18 +246,38 @@ def _or_none(parse: Any) -> Any:
     return parse_or_none
 
 
+def _comma_list(spec: _Option) -> Any:
+    """An argparse type for a tuple option: ``a,b`` (or ``none`` where it is optional)."""
+    def parse(text: str) -> Any:
+        if spec.nullable and text.lower() in ("none", "null"):
+            return None
+        try:
+            return _coerce(spec, text)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error).replace("config key", "option")) from None
+    parse.__name__ = "list"
+    return parse
+
+
 def _add_option(parser: argparse.ArgumentParser, spec: _Option) -> None:
     field = spec.field
     flag = "--" + field.name.replace("_", "-")
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default
     shown = json.dumps(default) if isinstance(default, dict) else default
+    if isinstance(default, tuple):
+        shown = ",".join(map(str, default))
     help_text = spec.help
+    if spec.type is tuple and spec.choices:
+        help_text += f"; one or more of {', '.join(spec.choices)}"
     if "default:" not in help_text and "(required)" not in help_text:
         help_text += f" (default: {shown})"
     # SUPPRESS: only flags actually given appear in the namespace, so they can win over the file.
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
     if spec.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif spec.type is tuple:
+        kwargs["type"] = _comma_list(spec)
+        kwargs["metavar"] = spec.metavar
     else:
         parse = _json_object if spec.type is dict else spec.type
         nullable = spec.nullable and spec.type in (int, float)

@@ -35,9 +35,10 @@ import numpy as np
 
 from jaxalign import train as steps
 from jaxalign.batching import map_batches
-from jaxalign.cli.configs import TrainConfig
+from jaxalign.cli.configs import PREFERENCE_COMMANDS as _PREFERENCE, TrainConfig
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
+from jaxalign.cli.options import flat_values
 from jaxalign.cli.run_dir import config_to_dict, final_dir, save_final
 from jaxalign.cli.sources import data_texts, find_tokenizer, load_tokenizer, model_source
 from jaxalign.data import DataConfig, DataLoader, Dataset, load_jsonl
@@ -47,12 +48,10 @@ from jaxalign.tokenizer import Tokenizer
 __all__ = ["initial_model", "train"]
 
 _DATA_KINDS = {"sft": ("sft",), "rm": ("preference", "ranking"), "dpo": ("preference",),
-               "ipo": ("preference",), "orpo": ("preference",)}
-# Options that change the trajectory: resuming with other values is allowed, but warned about.
-_TRAJECTORY_OPTIONS = ("data", "steps", "lr", "warmup_steps", "end_lr_ratio", "weight_decay",
-                       "max_grad_norm", "grad_accum_steps", "beta", "label_smoothing", "orpo_lambda",
-                       "center_coef", "include_prompt", "precompute_ref", "max_length",
-                       "max_prompt_length", "pad_multiple")
+               "ipo": ("preference",), "orpo": ("preference",), "kto": ("unpaired",)}
+# Options that do not change the trajectory (all others are warned about when they change).
+_BOOKKEEPING = ("out", "resume", "progress", "save_every", "keep", "log_every", "stop_at",
+                "export_hf", "on_bad_record", "tokenizer")
 
 
 # ------------------------------------------------------------------------------ setup
@@ -107,14 +106,14 @@ def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
 
 
 @functools.lru_cache(maxsize=4)
-def _reference_fn(model: Any, loss: str) -> Any:
-    return steps.make_reference_logps_fn(model, loss=loss)
+def _reference_fn(model: Any) -> Any:
+    return steps.make_reference_logps_fn(model)
 
 
-def _reference_logps(model: Any, params: Any, dataset: Dataset, batch_size: int,
-                     loss: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reference ``(chosen, rejected)`` log-probs ``[N]`` of every pair, in dataset order."""
-    reference_fn = _reference_fn(model, loss)
+def _reference_logps(model: Any, params: Any, dataset: Dataset,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ``(chosen, rejected)`` log-prob sums ``[N]`` of every pair, in dataset order."""
+    reference_fn = _reference_fn(model)
     logps = map_batches(lambda _, indices: reference_fn(params, dataset.collate(indices)),
                         [np.arange(len(dataset))], batch_size)
     return logps["ref_chosen_logps"], logps["ref_rejected_logps"]
@@ -127,13 +126,19 @@ def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options:
     options = dict(optimizer_options)
     optimizer = steps.make_optimizer(**options)
     schedule = steps.optimizer_schedule(**options)
+    step_options = dict(step_options)
+    loss_state = None
     if kind == "sft":
-        step = steps.make_sft_step(model, optimizer, **dict(step_options))
+        step = steps.make_sft_step(model, optimizer, **step_options)
     elif kind == "rm":
-        step = steps.make_reward_step(model, optimizer, **dict(step_options))
+        step = steps.make_reward_step(model, optimizer, **step_options)
+    elif kind == "kto":
+        step = steps.make_unpaired_step(model, optimizer, **step_options)
+        loss_state = steps.init_loss_state(step_options["config"])
     else:
-        step = steps.make_preference_step(model, optimizer, loss=kind, **dict(step_options))
-    create_state = jax.jit(functools.partial(steps.create_train_state, optimizer=optimizer))
+        step = steps.make_preference_step(model, optimizer, **step_options)
+    create_state = jax.jit(functools.partial(steps.create_train_state, optimizer=optimizer,
+                                             loss_state=loss_state))
     return step, create_state, jax.jit(schedule)
 
 
@@ -195,9 +200,10 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
         kind, model, tuple(config.optimizer_options().items()),
         tuple(config.step_options(kind).items()))
     reference, ref_params = None, None
-    if kind in ("dpo", "ipo") and config.precompute_ref:
-        reference = _reference_logps(model, params, dataset, config.batch_size, kind)
-    elif kind in ("dpo", "ipo"):
+    needs_reference = kind in _PREFERENCE and config.preference_config(kind).needs_reference
+    if needs_reference and config.precompute_ref and kind != "kto":
+        reference = _reference_logps(model, params, dataset, config.batch_size)
+    elif needs_reference:
         ref_params = params  # create_train_state copies it: the step donates params
     state = create_state(params, key=state_key, ref_params=ref_params)
     # One placement for every leaf (restored ones are committed to a device too): a state whose
@@ -220,7 +226,8 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
     result, start = checkpointed_loop(
         state, train_step, config=config, kind=kind, out=out, loader=job.loader,
         resuming=job.resuming, model_config=model_config,
-        trajectory_options=_TRAJECTORY_OPTIONS, began=began, extra=learning_rate)
+        trajectory_options=[k for k in flat_values(config) if k not in _BOOKKEEPING],
+        began=began, extra=learning_rate)
     final = hf_dir = None
     if result.step == config.steps:
         final, hf_dir = save_final(out, kind, model, result.state.params, job.tokenizer,

@@ -10,20 +10,23 @@ loss is compiled once with its hyperparameter (β or λ) as a traced argument �
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxalign.data import DataLoader
+from jaxalign.data import DataLoader, load_jsonl
 from jaxalign.demo import task
 from jaxalign.demo.cache import load_params, save_params
-from jaxalign.demo.context import Context, preference_dataset, progress
+from jaxalign.demo.context import Context, preference_dataset, progress, read_jsonl
 from jaxalign.evaluate import evaluate_policy, mean_and_se
 from jaxalign.models import RewardModel, ValueModel
 from jaxalign.train.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
-from jaxalign.train import create_train_state, make_optimizer, make_preference_step
+from jaxalign.train import (
+    create_train_state, make_optimizer, make_preference_step, make_unpaired_step,
+)
 
 __all__ = ["planned_runs", "run_alignment", "run_evaluation", "run_name", "run_preference",
            "stage_baseline", "stage_evaluate", "stage_ppo", "stage_preference"]
@@ -114,35 +117,55 @@ def stage_ppo(ctx: Context, out: Path, *, kl_coef: float, adaptive: bool) -> dic
 
 
 # ----------------------------------------------------------------------------- DPO/IPO/ORPO
-def _preference_step(model: Any, loss: str, *, learning_rate: float, steps: int):
+def _preference_step(model: Any, loss: str, *, learning_rate: float, steps: int,
+                     simpo_gamma: float = 0.5):
     """``(step, optimizer)``; ``step(state, batch, coef)`` is compiled once per loss and
     schedule, ``coef`` being β (λ for ORPO)."""
-    key = ("preference", model, loss, learning_rate, steps)
+    key = ("preference", model, loss, learning_rate, steps, simpo_gamma)
     if key not in _COMPILED:
         optimizer = make_optimizer(learning_rate, total_steps=steps, warmup_steps=steps // 10)
 
         def step(state, batch, coef):
             kwargs = {"orpo_lambda": coef} if loss == "orpo" else {"beta": coef}
-            inner = make_preference_step(model, optimizer, loss=loss, jit=False, **kwargs)
+            if loss == "simpo":
+                kwargs["simpo_gamma"] = simpo_gamma
+            factory = make_unpaired_step if loss == "kto" else make_preference_step
+            inner = factory(model, optimizer, loss=loss, jit=False, **kwargs)
             return inner(state, batch)
 
         _COMPILED[key] = (jax.jit(step, donate_argnums=(0,)), optimizer)
     return _COMPILED[key]
 
 
+def _unpaired_dataset(ctx: Context, out: Path, stage: str):
+    """The train pairs of ``stage`` split into unpaired examples (KTO's data): each pair's
+    chosen completion as desirable, its rejected one as undesirable."""
+    records = []
+    for pair in read_jsonl(ctx.out / stage / "train.jsonl"):
+        records += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                    {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    path = out / "unpaired_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return load_jsonl(path, ctx.tokenizer, kind="unpaired", config=ctx.data_config())
+
+
 def stage_preference(ctx: Context, out: Path, *, loss: str, coef: float,
                      data: str = "preferences") -> dict[str, Any]:
-    """DPO / IPO (reference = SFT, in the state) or ORPO (no reference) from the SFT model, on
-    the train pairs of stage ``data`` (soft ``p_chosen`` labels make DPO conservative DPO)."""
+    """DPO / IPO (reference = SFT, in the state), ORPO / SimPO (no reference) or KTO (on the
+    pairs split into unpaired examples) from the SFT model, on the train pairs of stage
+    ``data`` (soft ``p_chosen`` labels make DPO conservative DPO)."""
     cfg = ctx.config
-    dataset = preference_dataset(ctx, "train", stage=data)
+    dataset = (_unpaired_dataset(ctx, out, data) if loss == "kto"
+               else preference_dataset(ctx, "train", stage=data))
     loader = DataLoader(dataset, cfg.pref_batch, seed=cfg.seed + 40)
     steps = max(1, cfg.pref_epochs * loader.steps_per_epoch)
     learning_rate = cfg.orpo_lr if loss == "orpo" else cfg.pref_lr
-    step, optimizer = _preference_step(ctx.model, loss, learning_rate=learning_rate, steps=steps)
+    step, optimizer = _preference_step(ctx.model, loss, learning_rate=learning_rate, steps=steps,
+                                       simpo_gamma=cfg.simpo_gamma)
     params = ctx.sft_params()  # a fresh copy; create_train_state copies the reference again
+    reference_free = loss in ("orpo", "simpo")
     state = create_train_state(params, optimizer, jax.random.key(cfg.seed + 41),
-                               ref_params=None if loss == "orpo" else params)
+                               ref_params=None if reference_free else params)
     coef_array = np.float32(coef)
     history = []
     bar = progress(range(steps), desc=f"{loss} ({'λ' if loss == 'orpo' else 'β'}={coef:g})",
@@ -152,12 +175,13 @@ def stage_preference(ctx: Context, out: Path, *, loss: str, coef: float,
         if index % 10 == 0 or index == steps - 1:
             metrics = jax.device_get(metrics)
             history.append({k: float(metrics[k]) for k in ("loss", "rewards/accuracies",
-                                                           "rewards/margins")})
+                                                           "rewards/margins") if k in metrics})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}",
-                            acc=f"{history[-1]['rewards/accuracies']:.2f}")
+                            margin=f"{history[-1]['rewards/margins']:.2f}")
     save_params(state.params, out / "params.msgpack")
     name = "orpo_lambda" if loss == "orpo" else "beta"
-    return {"hyperparameters": {name: coef, "lr": learning_rate, "steps": steps,
+    extra = {"simpo_gamma": cfg.simpo_gamma} if loss == "simpo" else {}
+    return {"hyperparameters": {name: coef, **extra, "lr": learning_rate, "steps": steps,
                                 "batch": cfg.pref_batch},
             "first": history[0], "final": history[-1]}
 
@@ -196,6 +220,7 @@ def planned_runs(ctx: Context) -> list[tuple[str, str, float, bool]]:
             ("orpo", "orpo", cfg.orpo_lambda, True)]
     runs += [(run_name("dpo", b), "dpo", b, False) for b in cfg.dpo_sweep if b != cfg.dpo_beta]
     runs += [(run_name("ppo_fixed", b), "ppo_fixed", b, False) for b in cfg.ppo_sweep]
+    runs += [("simpo", "simpo", cfg.simpo_beta, False), ("kto", "kto", cfg.kto_beta, False)]
     return runs
 
 
@@ -204,6 +229,8 @@ def run_preference(ctx: Context, run: str, loss: str, coef: float, *,
     """The cached preference-optimisation stage ``run`` on the pairs of stage ``data``."""
     settings = {k: getattr(ctx.config, k) for k in ("seed", "pref_epochs", "pref_batch",
                                                     "pref_lr", "orpo_lr")}
+    if loss == "simpo":  # (other runs keep their cache keys)
+        settings["simpo_gamma"] = ctx.config.simpo_gamma
     return ctx.cache.run(run, {**settings, "loss": loss, "coef": coef}, (data,),
                          lambda d: stage_preference(ctx, d, loss=loss, coef=coef, data=data))
 

@@ -56,6 +56,11 @@ class DemoConfig:
     ipo_beta: float = 0.5  # IPO margin 1/(2β) is per token (mean log-probs): 1 nat
     orpo_lambda: float = 5.0
     orpo_lr: float = 3e-3  # no reference model: the learning rate is ORPO's only leash
+    # SimPO (reference-free, per-token mean log-probs) and KTO (the pairs split into desirable
+    # chosen and undesirable rejected completions): frontier points, not targets
+    simpo_beta: float = 2.0  # the paper's range is 2.0-2.5
+    simpo_gamma: float = 0.5
+    kto_beta: float = 0.1
     # evaluation
     eval_prompts: int = 512
     bon_n: tuple[int, ...] = (1, 4, 16)  # best-of-N reference points (reward model picks)

@@ -26,6 +26,7 @@ from jaxalign.demo.align import planned_runs
 from jaxalign.evaluate import curve_improvement, plot_frontier, plot_reward_curve
 
 METHODS = ("ppo", "dpo", "ipo", "orpo")
+FRONTIER_METHODS = ("simpo", "kto")  # reported with win rate and CI, no targets
 BON_LABEL = "best-of-n (KL: log n − (n−1)/n)"
 RM_ACCURACY_TARGET = 0.75
 WIN_RATE_TARGET = 0.65
@@ -69,9 +70,10 @@ def build_report(ctx, results: dict[str, Any]) -> dict[str, Any]:
     """Assembles the report dictionary (schema in :mod:`jaxalign.evaluate`) from stage results."""
     cfg = ctx.config
     runs, evals = results["runs"], results["evals"]
-    main = {method: run for run, method, _, is_main in planned_runs(ctx) if is_main}
+    main = {method: run for run, method, _, is_main in planned_runs(ctx)
+            if is_main or method in FRONTIER_METHODS}
     methods = {"sft": _method_entry(evals["sft"], None)}
-    for method in METHODS:
+    for method in METHODS + FRONTIER_METHODS:
         methods[method] = _method_entry(evals[main[method]], runs[main[method]])
     ppo = runs["ppo"]
     curve = dict(ppo["curve"])
@@ -131,7 +133,8 @@ def results_table(report: dict[str, Any]) -> list[str]:
     for name, entry in _result_rows(report):
         low, high = entry["win_rate_ci"]
         hyper = ", ".join(f"{k}={v}" for k, v in entry["hyperparameters"].items()
-                          if k in ("beta", "orpo_lambda", "kl_coef_init", "kl_target"))
+                          if k in ("beta", "orpo_lambda", "simpo_gamma", "kl_coef_init",
+                                   "kl_target"))
         rows.append(f"{name:<9} {entry['gold_reward']:+8.3f} ± {entry['gold_reward_se']:5.3f} "
                     f"{entry['kl_to_sft']:8.3f} ± {entry['kl_to_sft_se']:5.3f} "
                     f"{entry['win_rate_vs_sft']:10.3f} [{low:.3f}, {high:.3f}]  {hyper}")

@@ -23,10 +23,14 @@ from jaxalign.train.optim import (
 )
 from jaxalign.train.preference import (
     PREFERENCE_LOSSES,
+    UNPAIRED_LOSSES,
+    PairLogps,
+    PreferenceConfig,
     make_preference_step,
     make_reference_logps_fn,
     pair_logps,
     preference_loss,
+    reference_logps,
 )
 from jaxalign.train.reward import make_reward_step, ranking_pair_weights, reward_loss
 from jaxalign.train.rlhf import (
@@ -40,6 +44,12 @@ from jaxalign.train.rlhf import (
 from jaxalign.train.rlhf_config import ADVANTAGE_ESTIMATORS, RLHFConfig
 from jaxalign.train.scorers import completion_scorer, reward_model_scorer
 from jaxalign.train.sft import make_sft_step, sft_loss
+from jaxalign.train.unpaired import (
+    completion_logps,
+    init_loss_state,
+    make_unpaired_step,
+    unpaired_loss,
+)
 from jaxalign.train.state import (
     CompiledStep,
     TrainState,
@@ -54,13 +64,18 @@ __all__ = [
     "CompiledStep",
     "OptimizerConfig",
     "PREFERENCE_LOSSES",
+    "PairLogps",
+    "PreferenceConfig",
     "RLHFConfig",
     "RLHFState",
     "TrainState",
+    "UNPAIRED_LOSSES",
     "apply_gradients",
     "compile_step",
+    "completion_logps",
     "completion_scorer",
     "create_train_state",
+    "init_loss_state",
     "init_rlhf_state",
     "kl_controller",
     "learning_rate_schedule",
@@ -71,14 +86,17 @@ __all__ = [
     "make_reward_step",
     "make_rlhf_step",
     "make_sft_step",
+    "make_unpaired_step",
     "nonfinite_count",
     "optimizer_schedule",
     "pair_logps",
     "preference_loss",
     "ranking_pair_weights",
+    "reference_logps",
     "reward_loss",
     "reward_model_scorer",
     "rlhf_state_models",
     "shard_rlhf_state",
     "sft_loss",
+    "unpaired_loss",
 ]

@@ -28,8 +28,10 @@ class TrainState:
       opt_state: optax state for ``params``.
       step: ``[]`` int32, number of optimiser steps taken (micro-steps under accumulation).
       key: a typed PRNG key, split inside steps that need randomness.
-      ref_params: frozen reference parameters (DPO/IPO with in-step reference log-probs,
-        RLHF), or ``None``; passed through unchanged.
+      ref_params: reference parameters (DPO-family losses with in-step reference log-probs),
+        or ``None``; frozen unless the step moves them (TR-DPO).
+      loss_state: state a loss carries across steps (BCO's running reward baseline), or
+        ``None``.
     """
 
     params: Any
@@ -37,6 +39,7 @@ class TrainState:
     step: jax.Array
     key: jax.Array
     ref_params: Any = None
+    loss_state: Any = None
 
 
 def create_train_state(
@@ -45,6 +48,7 @@ def create_train_state(
     key: jax.Array,
     *,
     ref_params: Any = None,
+    loss_state: Any = None,
 ) -> TrainState:
     """A fresh :class:`TrainState` at step 0 with ``optimizer.init(params)``.
 
@@ -60,6 +64,7 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         key=key,
         ref_params=ref_params,
+        loss_state=loss_state,
     )
 
 
@@ -140,12 +145,15 @@ def make_loss_step(
     *,
     axis_name: str | None = None,
     jit: bool = True,
-    prepare_batch: Callable[[TrainState, dict], dict] | None = None,
+    prepare: Callable[[TrainState, dict], tuple[TrainState, dict]] | None = None,
+    after_update: Callable[[TrainState], TrainState] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The step every factory builds: differentiate ``loss_fn(params, state, batch) ->
     (loss, metrics)``, apply the optimiser, and return ``(state, {"loss", **metrics,
-    "grad_norm", "skipped_updates"})``. ``prepare_batch(state, batch)`` runs first, outside the
-    differentiated function (e.g. reference log-probs, which do not depend on ``params``).
+    "grad_norm", "skipped_updates"})``. ``prepare(state, batch) -> (state, batch)`` runs first,
+    outside the differentiated function (e.g. reference log-probs, which do not depend on
+    ``params``, or a loss's running statistics);
+    ``after_update(state)`` runs on the updated state (e.g. moving a reference model).
 
     Jitted with the state donated, unless ``axis_name`` is given (gradients and metrics are then
     ``pmean``-ed over it and the caller wraps the step in ``pmap``/``shard_map``) or ``jit`` is
@@ -153,11 +161,13 @@ def make_loss_step(
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        if prepare_batch is not None:
-            batch = prepare_batch(state, batch)
+        if prepare is not None:
+            state, batch = prepare(state, batch)
         (loss, metrics), grads = jax.value_and_grad(
             lambda params: loss_fn(params, state, batch), has_aux=True)(state.params)
         state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
+        if after_update is not None:
+            state = after_update(state)
         if axis_name is not None:
             loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
         return state, {"loss": loss, **metrics, **opt_metrics}
