@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxalign.models.transformer import init_cache, unstack_layer_params
 
-__all__ = ["GenerateOutput", "generate", "make_generate", "sample_token"]
+__all__ = ["GenerateOutput", "generate", "is_stop_token", "make_generate", "sample_token",
+           "stop_ids"]
 
 _CDF_BLOCK = 64
 
@@ -43,7 +46,7 @@ class GenerateOutput(NamedTuple):
     """Result of :func:`generate`.
 
     Attributes:
-      tokens: ``[B, N]`` int32 sampled ids; ``pad_id`` after each row's first EOS.
+      tokens: ``[B, N]`` int32 sampled ids; ``pad_id`` after each row's first stop token.
       logps: ``[B, N]`` float32 log-prob under the sampling distribution (after temperature,
         top-k, top-p; 0 for greedy); 0 where ``completion_mask`` is 0.
       policy_logps: ``[B, N]`` float32 log-prob under the raw policy (temperature 1, no
@@ -261,6 +264,27 @@ def _cast_matmul_weights(params: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def stop_ids(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The stop-token ids of an ``eos_id`` setting: ``None`` -> ``()``, an id -> ``(id,)``, a
+    list (a checkpoint's ``generation_config.json`` ``eos_token_id``) -> its distinct ids."""
+    if eos_id is None:
+        return ()
+    ids = (eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def is_stop_token(tokens: ArrayLike, eos_id: int | Sequence[int] | None) -> jax.Array:
+    """``tokens [...]`` -> bool ``[...]``: whether each token is one of the stop ids."""
+    tokens = jnp.asarray(tokens)
+    ids = stop_ids(eos_id)
+    if not ids:
+        return jnp.zeros(tokens.shape, bool)
+    if len(ids) == 1:
+        return tokens == ids[0]
+    table = jnp.asarray(ids, tokens.dtype).reshape((1,) * tokens.ndim + (len(ids),))
+    return jnp.any(tokens[..., None] == table, axis=-1)
+
+
 def _forward(model: nn.Module, params, tokens, mask, cache):
     """``(last-position logits [B, V], cache)`` via the model's ``decode`` method."""
     return model.apply({"params": params}, tokens, mask, cache, method="decode")
@@ -273,7 +297,7 @@ def make_generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
 ):
     """Compile-once sampler: ``fn(params, prompt_ids, prompt_mask, key) -> GenerateOutput``.
@@ -284,8 +308,8 @@ def make_generate(
     function and shares its compilations. See :func:`generate` for the arguments.
     """
     _check_settings(model, max_new_tokens, temperature, top_k, top_p)
-    return _make_generate(model, max_new_tokens, float(temperature), top_k, float(top_p), eos_id,
-                          pad_id)
+    return _make_generate(model, max_new_tokens, float(temperature), top_k, float(top_p),
+                          stop_ids(eos_id) or None, pad_id)
 
 
 @functools.lru_cache(maxsize=64)
@@ -320,7 +344,7 @@ def _make_generate(model, max_new_tokens, temperature, top_k, top_p, eos_id, pad
         # One uniform number per row and step, drawn up front: no PRNG work inside the loop.
         uniforms = jax.random.uniform(key, (num_new, batch), jnp.float32)
         token, logq, logp = sample(logits, uniforms[0])
-        done = token == eos_id if eos_id is not None else jnp.zeros((batch,), bool)
+        done = is_stop_token(token, eos_id)
         tokens = jnp.full((batch, num_new), pad_id, jnp.int32).at[:, 0].set(token)
         logqs = jnp.zeros((batch, num_new), jnp.float32).at[:, 0].set(logq)
         logps = jnp.zeros((batch, num_new), jnp.float32).at[:, 0].set(logp)
@@ -341,7 +365,7 @@ def _make_generate(model, max_new_tokens, temperature, top_k, top_p, eos_id, pad
             logqs = jax.lax.dynamic_update_slice(logqs, jnp.where(done, 0.0, logq)[:, None], column)
             logps = jax.lax.dynamic_update_slice(logps, jnp.where(done, 0.0, logp)[:, None], column)
             if eos_id is not None:
-                done = done | (token == eos_id)
+                done = done | is_stop_token(token, eos_id)
             return step + 1, cache, token, done, tokens, logqs, logps
 
         state = (jnp.ones((), jnp.int32), cache, token, done, tokens, logqs, logps)
@@ -349,7 +373,7 @@ def _make_generate(model, max_new_tokens, temperature, top_k, top_p, eos_id, pad
         if eos_id is None:
             completion_mask = jnp.ones((batch, num_new), jnp.int32)
         else:
-            is_eos = (tokens == eos_id).astype(jnp.int32)
+            is_eos = is_stop_token(tokens, eos_id).astype(jnp.int32)
             completion_mask = (jnp.cumsum(is_eos, axis=-1) - is_eos == 0).astype(jnp.int32)
         return GenerateOutput(tokens, logqs, logps, completion_mask)
 
@@ -367,7 +391,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
 ) -> GenerateOutput:
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
@@ -387,7 +411,9 @@ def generate(
       top_k: keep the ``k`` most likely tokens and any tied with the k-th (0 = off).
       top_p: nucleus mass in ``(0, 1]`` (1 = off); applied after ``top_k``, to the renormalised
         top-k distribution.
-      eos_id: end-of-sequence id; a row stops after producing it (``None``: never stops).
+      eos_id: end-of-sequence id, or several (a chat model's end-of-turn and end-of-text
+        tokens, as in ``generation_config.json``); a row stops after producing any of them
+        (``None``: never stops).
       pad_id: written after EOS.
 
     Returns:

@@ -22,8 +22,10 @@ from jaxalign.sampling import (
     _largest_threshold,
     _order_keys,
     generate,
+    is_stop_token,
     make_generate,
     sample_token,
+    stop_ids,
 )
 
 CONFIG = get_config("tiny", scan_layers=False)
@@ -169,6 +171,28 @@ def test_eos_completion_mask(lm, prompts):
         np.testing.assert_array_equal(np.asarray(out.policy_logps)[b, stop:], 0.0)
         np.testing.assert_allclose(np.asarray(out.policy_logps)[b, :stop],
                                    np.asarray(free.policy_logps)[b, :stop], atol=1e-6)
+
+
+def test_any_of_several_stop_ids_ends_a_row(lm, prompts):
+    """``eos_id`` as a list (a chat model's end-of-turn and end-of-text ids): each row stops at
+    the first of them; a list and a tuple of the same ids share one sampler."""
+    model, params = lm
+    ids, mask = prompts
+    free = np.asarray(generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=NEW,
+                               temperature=0.0).tokens)
+    stops = (int(free[0, 3]), int(free[1, 1]))  # row 0 stops at step 3 or before, row 1 at 1
+    out = generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=NEW,
+                   temperature=0.0, eos_id=list(stops), pad_id=0)
+    for b in range(3):
+        hits = np.flatnonzero(np.isin(free[b], stops))
+        stop = hits[0] + 1 if hits.size else NEW
+        np.testing.assert_array_equal(np.asarray(out.completion_mask)[b], np.arange(NEW) < stop)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[b, :stop], free[b, :stop])
+    assert make_generate(model, max_new_tokens=NEW, eos_id=list(stops)) is make_generate(
+        model, max_new_tokens=NEW, eos_id=stops)
+    assert stop_ids(None) == () and stop_ids(7) == (7,) and stop_ids([3, 1, 3]) == (3, 1)
+    np.testing.assert_array_equal(is_stop_token(np.array([[1, 2, 3]]), [3, 1]),
+                                  [[True, False, True]])
 
 
 def test_compiles_once_per_shape_and_same_key_same_samples(lm, prompts):

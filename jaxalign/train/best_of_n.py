@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -128,7 +129,7 @@ def rejection_sampling_finetune(
     steps_per_round: int = 10,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     callback: Callable[[int, dict], None] | None = None,
 ) -> tuple[Any, list[dict]]:
