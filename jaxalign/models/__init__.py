@@ -1,6 +1,7 @@
-"""Stateless ``flax.linen`` models: a Llama-style trunk, its heads, and Hugging Face interop."""
+"""Stateless ``flax.linen`` models: a Llama-style trunk with the switches of today's families,
+its heads, and Hugging Face interop."""
 
-from jaxalign.models.config import PRESETS, TransformerConfig, get_config
+from jaxalign.models.config import PRESETS, ComputeConfig, TransformerConfig, get_config
 from jaxalign.models.heads import (
     CausalLM,
     CausalLMWithValueHead,
@@ -13,7 +14,7 @@ from jaxalign.models.heads import (
     logical_axes,
     value_params_from_reward_model,
 )
-from jaxalign.models.hf import load_hf, save_hf
+from jaxalign.models.hf import FAMILIES, load_hf, read_hf_config, save_hf
 from jaxalign.models.transformer import (
     LOGICAL_AXIS_NAMES,
     KVCache,
@@ -25,10 +26,12 @@ from jaxalign.models.transformer import (
 )
 
 __all__ = [
+    "FAMILIES",
     "LOGICAL_AXIS_NAMES",
     "PRESETS",
     "CausalLM",
     "CausalLMWithValueHead",
+    "ComputeConfig",
     "KVCache",
     "RewardModel",
     "Transformer",
@@ -43,6 +46,7 @@ __all__ = [
     "load_hf",
     "logical_axes",
     "positions_from_mask",
+    "read_hf_config",
     "save_hf",
     "stack_layer_params",
     "unstack_layer_params",

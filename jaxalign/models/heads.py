@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxalign.models.attention import soft_cap
 from jaxalign.models.config import TransformerConfig
-from jaxalign.models.transformer import KVCache, Transformer, logical_param
+from jaxalign.models.layers import logical_param
+from jaxalign.models.transformer import KVCache, Transformer
 
 
 class LMHead(nn.Module):
@@ -79,10 +81,13 @@ class CausalLM(nn.Module):
             self.lm_head = LMHead(self.config)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """``hidden [B, T, D] -> logits [B, T, V]`` float32."""
+        """``hidden [B, T, D] -> logits [B, T, V]`` float32 (soft-capped with
+        ``config.final_logit_softcap``, as Gemma 2 does)."""
         if self.config.tie_embeddings:
-            return self.trunk.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.trunk.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return soft_cap(logits, self.config.final_logit_softcap)
 
     def __call__(self, tokens, attention_mask=None, cache: KVCache | None = None):
         hidden, new_cache = self.trunk(tokens, attention_mask, cache)

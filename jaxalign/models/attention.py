@@ -1,0 +1,124 @@
+"""Grouped-query self-attention with the switches of today's model families: q/k/v (and output)
+biases, per-head q/k RMSNorm (Qwen3, Gemma 3), partial rotary embeddings, Gemma's
+``query_pre_attn_scalar`` and logit soft-capping, and a mask that is causal, padding-aware and,
+in sliding layers, windowed (the caller builds it; see ``Transformer``).
+
+Shapes: ``x [B, T, D]``; heads lead (``[B, H, T, Dh]``) so the key/value cache and the
+attention dots share one layout; K/V heads are shared by ``G = H / Hkv`` query heads without
+copies.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxalign.models.config import TransformerConfig
+from jaxalign.models.layers import Projection, RMSNorm, einsum_f32
+from jaxalign.models.rope import apply_rotary
+
+__all__ = ["MASKED_SCORE", "Attention", "soft_cap"]
+
+MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap · tanh(x / cap)`` (Gemma 2's logit soft-capping); ``x`` itself when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """``cache[:, :, index:index + T] = new`` in place.
+
+    Sub-32-bit floats are written as same-width integers: XLA:CPU computes bfloat16 ops in
+    float32, and would otherwise convert the whole cache to float32 and back for every write.
+    """
+    new = new.astype(cache.dtype)
+    if jnp.issubdtype(cache.dtype, jnp.floating) and cache.dtype.itemsize < 4:
+        bits = jnp.dtype(f"uint{8 * cache.dtype.itemsize}")
+        updated = jax.lax.dynamic_update_slice(
+            jax.lax.bitcast_convert_type(cache, bits),
+            jax.lax.bitcast_convert_type(new, bits),
+            (0, 0, index, 0),
+        )
+        return jax.lax.bitcast_convert_type(updated, cache.dtype)
+    return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+
+
+def _project(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """``x [B, T, D] @ kernel [D, H, Dh] -> [B, H, T, Dh]`` as one 2-D matmul."""
+    batch, length, d = x.shape
+    _, heads, head_dim = kernel.shape
+    out = einsum_f32("nd,df->nf", x.reshape(batch * length, d), kernel.reshape(d, -1), dtype)
+    return out.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; K/V heads are shared by ``G`` query heads without copies."""
+
+    config: TransformerConfig
+
+    def _qkv(self, x: jax.Array, fused: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``q [B, H, T, Dh]``, ``k, v [B, Hkv, T, Dh]`` float32, biased and (q/k) normed."""
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        bias_ndim = 2 if cfg.qkv_bias else 0
+        projections = [
+            Projection(cfg, (cfg.d_model, n, head_dim), ("embed", axis, "head_dim"), bias_ndim,
+                       name=name)()
+            for name, n, axis in (("q_proj", heads, "heads"), ("k_proj", kv_heads, "kv_heads"),
+                                  ("v_proj", kv_heads, "kv_heads"))
+        ]
+        if fused:
+            # Inference: one matmul for q, k and v (XLA hoists the weight concatenation out of
+            # a decode loop). Training keeps three, so no sharded weights get concatenated.
+            kernel = jnp.concatenate([w for w, _ in projections], axis=1)
+            qkv = _project(x, kernel, cfg.dtype)
+            if cfg.qkv_bias:
+                qkv = qkv + jnp.concatenate([b for _, b in projections])[None, :, None, :]
+            q, k, v = jnp.split(qkv, [heads, heads + kv_heads], axis=1)
+        else:
+            q, k, v = (
+                _project(x, w, cfg.dtype) + (0 if b is None else b[None, :, None, :])
+                for w, b in projections
+            )
+        if cfg.qk_norm:
+            q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
+        return q, k, v
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, layer_cache, index):
+        """Args: ``x [B, T, D]``, ``cos, sin [B, T, R]``, ``allowed [B, T, S]`` bool,
+        ``layer_cache`` ``(keys, values)`` each ``[B, Hkv, S, Dh]`` or ``None`` (then ``S = T``),
+        ``index`` ``[]`` slot of the first new token. Returns ``(out [B, T, D], layer_cache)``."""
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        batch, length, d = x.shape
+        q, k, v = self._qkv(x, fused=layer_cache is not None)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = _write_cache(cache_k, k, index)
+            v = _write_cache(cache_v, v, index)
+            layer_cache = (k, v)
+        else:
+            k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
+        # Attention runs in the dtype of the keys and values (the cache's, when decoding).
+        q = q.reshape(batch, kv_heads, heads // kv_heads, length, head_dim).astype(k.dtype)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scale = (head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar)
+        scores = soft_cap(scores * scale**-0.5, cfg.attn_logit_softcap)
+        scores = jnp.where(allowed[:, None, None], scores, MASKED_SCORE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = einsum_f32("bkgts,bksd->bkgtd", probs, v, v.dtype)
+        out = out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
+        w_o, b_o = Projection(cfg, (heads, head_dim, d), ("heads", "head_dim", "embed"),
+                              1 if cfg.o_bias else 0, name="o_proj")()
+        out = einsum_f32("nf,fd->nd", out.reshape(batch * length, heads * head_dim),
+                         w_o.reshape(heads * head_dim, d), cfg.dtype)
+        if b_o is not None:
+            out = out + b_o.astype(jnp.float32)[None, :]
+        return out.reshape(batch, length, d), layer_cache
