@@ -7,8 +7,18 @@ added only where the caller asks for them, so the data pipeline controls the lay
     tok = Tokenizer.train_bpe(texts, vocab_size=512)      # byte-level BPE, lossless
     tok = Tokenizer.from_file("path/to/hf_model_dir")     # reads tokenizer.json (+ config)
     ids, mask = tok.encode_batch(texts, max_length=64, padding_side="left")   # [B, L] int32
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)       # the model's own
 
-The chat template (`apply_chat_template`) is a plain-text format, the same for every model:
+A tokenizer loaded from a Hugging Face directory renders conversations with the model's own
+Jinja chat template (`tokenizer_config.json`'s `chat_template`, or `chat_template.jinja`;
+:mod:`jaxalign.chat_template` renders it exactly as transformers does), so
+`tok.encode(tok.apply_chat_template(messages))` equals
+`transformers.AutoTokenizer.apply_chat_template(messages)`. It also carries the directory's
+`generation_config.json`: `stop_ids` are its `eos_token_id` list (a chat model ends turns with
+its own token, e.g. Llama 3's `<|eot_id|>`), else `config.json`'s, else `eos_id`.
+
+Without a template the fallback (module-level `apply_chat_template`) is a plain-text format,
+the same for every model:
 
     <|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n
 
@@ -25,11 +35,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from jaxalign import chat_template as templates
+from jaxalign.chat_template import CHAT_ROLES, apply_chat_template, render_completion
 
 __all__ = ["CHAT_ROLES", "Tokenizer", "apply_chat_template", "pad_rows", "render_completion"]
 
@@ -38,8 +51,8 @@ _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 _BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>")
 _EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")
 
-CHAT_ROLES = ("system", "user", "assistant")
-_GENERATION_PROMPT = "<|assistant|>\n"
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                       "cls_token", "mask_token")
 
 
 def _token_name(value: object) -> str | None:
@@ -60,6 +73,10 @@ class Tokenizer:
             the vocabulary). When None, the first of the common names present is used
             (`<pad>`; `<bos>`, `<s>`, `<|begin_of_text|>`; `<eos>`, `</s>`, `<|endoftext|>`,
             `<|end_of_text|>`), and the id is None if none is present.
+        chat_template: a Jinja chat template, or named templates `{name: template}`; None
+            renders conversations in the plain format.
+        config: the `tokenizer_config.json` this tokenizer came from (saved back by `save`).
+        generation_config: the `generation_config.json` of its model directory, if any.
     """
 
     def __init__(
@@ -69,11 +86,18 @@ class Tokenizer:
         pad_token: str | None = None,
         bos_token: str | None = None,
         eos_token: str | None = None,
+        chat_template: str | Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.backend = backend
         self._pad_id = self._lookup("pad_token", pad_token, _PAD_NAMES)
         self._bos_id = self._lookup("bos_token", bos_token, _BOS_NAMES)
         self._eos_id = self._lookup("eos_token", eos_token, _EOS_NAMES)
+        self.chat_template = dict(chat_template) if isinstance(chat_template, Mapping) else (
+            chat_template)
+        self.config = dict(config or {})
+        self.generation_config = None if generation_config is None else dict(generation_config)
 
     def _lookup(self, what: str, explicit: str | None, names: Sequence[str]) -> int | None:
         if explicit is not None:
@@ -100,17 +124,25 @@ class Tokenizer:
         """Loads a `tokenizer.json`, or a directory holding one (a Hugging Face model dir).
 
         In a directory, `tokenizer_config.json` (if present) names the special tokens; explicit
-        arguments take precedence over it, and it over the common-name lookup.
+        arguments take precedence over it, and it over the common-name lookup. The directory's
+        chat template(s) and `generation_config.json` (or `config.json`'s token ids) are read
+        too (see the module docstring).
         """
         path = os.fspath(path)
         names: dict[str, str | None] = {}
+        config: dict[str, Any] = {}
+        chat_template, generation_config = None, None
         if os.path.isdir(path):
             config_path = os.path.join(path, "tokenizer_config.json")
             if os.path.exists(config_path):
                 with open(config_path, encoding="utf-8") as f:
                     config = json.load(f)
                 names = {key: _token_name(config.get(key)) for key in ("pad_token", "bos_token", "eos_token")}
+            chat_template = templates.read_chat_templates(path, config)
+            generation_config = _read_generation_config(path)
             path = os.path.join(path, "tokenizer.json")
+        explicit = {"pad_token": pad_token, "bos_token": bos_token, "eos_token": eos_token}
+        config.update({key: name for key, name in explicit.items() if name is not None})
         backend = tokenizers.Tokenizer.from_file(path)
         vocab = backend.get_vocab(with_added_tokens=True)
         # A config may name a token the vocabulary lacks (e.g. a pad token added later): ignore it.
@@ -120,6 +152,7 @@ class Tokenizer:
             pad_token=pad_token if pad_token is not None else names.get("pad_token"),
             bos_token=bos_token if bos_token is not None else names.get("bos_token"),
             eos_token=eos_token if eos_token is not None else names.get("eos_token"),
+            chat_template=chat_template, config=config, generation_config=generation_config,
         )
 
     @classmethod
@@ -151,21 +184,29 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes `path` if it ends in `.json`; otherwise makes the directory `path` and writes
-        `tokenizer.json` and a `tokenizer_config.json` naming the special tokens (so that
-        `from_file(path)` restores any overrides)."""
+        `tokenizer.json`, a `tokenizer_config.json` (the one it was loaded with, naming the
+        special tokens, with its `chat_template`; `transformers.AutoTokenizer` loads it) and its
+        `generation_config.json` if it has one, so `from_file(path)` restores all of it."""
         path = os.fspath(path)
         if path.endswith(".json"):
             self.backend.save(path)
             return
         os.makedirs(path, exist_ok=True)
         self.backend.save(os.path.join(path, "tokenizer.json"))
-        config = {
-            "pad_token": self._token(self._pad_id),
-            "bos_token": self._token(self._bos_id),
-            "eos_token": self._token(self._eos_id),
-        }
+        config = {key: value for key, value in self.config.items() if key != "chat_template"}
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config.update(pad_token=self._token(self._pad_id), bos_token=self._token(self._bos_id),
+                      eos_token=self._token(self._eos_id))
+        if isinstance(self.chat_template, str):
+            config["chat_template"] = self.chat_template
+        elif self.chat_template:
+            config["chat_template"] = [{"name": name, "template": template}
+                                       for name, template in self.chat_template.items()]
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
+        if self.generation_config is not None:
+            with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.generation_config, f, indent=2)
 
     def _token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.backend.id_to_token(token_id)
@@ -187,6 +228,44 @@ class Tokenizer:
     @property
     def eos_id(self) -> int | None:
         return self._eos_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: `generation_config`'s `eos_token_id` (an id or a list),
+        else `(eos_id,)` (empty without one)."""
+        eos = (self.generation_config or {}).get("eos_token_id")
+        if eos is None:
+            return () if self._eos_id is None else (self._eos_id,)
+        return tuple(dict.fromkeys(eos if isinstance(eos, list) else [eos]))
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens a chat template sees (`bos_token`, `eos_token`, ...): those its
+        `tokenizer_config.json` names, as transformers passes them; without a config, the
+        resolved pad/BOS/EOS tokens."""
+        if self.config:
+            names = {key: _token_name(self.config.get(key)) for key in _SPECIAL_TOKEN_KEYS}
+        else:
+            names = {"bos_token": self._token(self._bos_id), "eos_token": self._token(self._eos_id),
+                     "pad_token": self._token(self._pad_id)}
+        return {key: name for key, name in names.items() if name is not None}
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
+                            add_generation_prompt: bool = False, tokenize: bool = False,
+                            chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
+        """The conversation as text (or, with `tokenize`, its ids: `encode` of the text, no
+        special tokens added, as transformers does) in this tokenizer's chat template;
+        `chat_template` names one of several templates or is a template itself. Without a
+        template: the plain format of the module-level `apply_chat_template`. `kwargs` (e.g.
+        `tools`, `documents`, template options) are passed to the template."""
+        if self.chat_template is None and chat_template is None:
+            text = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        else:
+            source = templates.select_template(self.chat_template or {}, chat_template,
+                                               kwargs.get("tools"))
+            text = templates.render(source, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=self.special_tokens_map, **kwargs)
+        return self.encode(text) if tokenize else text
 
     @property
     def padding_id(self) -> int:
@@ -287,39 +366,17 @@ def pad_rows(
     return ids, mask
 
 
-def apply_chat_template(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> str:
-    """Renders `[{"role", "content"}, ...]` as `<|role|>\\ncontent\\n` blocks (see module doc).
-
-    Roles must be one of `system`, `user`, `assistant`; contents must be strings.
-    """
-    parts = []
-    for index, message in enumerate(messages):
-        role, content = _check_message(message, index)
-        parts.append(f"<|{role}|>\n{content}\n")
-    if add_generation_prompt:
-        parts.append(_GENERATION_PROMPT)
-    return "".join(parts)
-
-
-def render_completion(messages: Sequence[Mapping[str, str]]) -> str:
-    """Text of assistant turn(s) that follow a prompt rendered with `add_generation_prompt`.
-
-    The first message must be from the assistant; its header is already in the prompt, so
-    `apply_chat_template(prompt, add_generation_prompt=True) + render_completion(reply)`
-    equals `apply_chat_template(prompt + reply)`.
-    """
-    if not messages or _check_message(messages[0], 0)[0] != "assistant":
-        raise ValueError("a completion must start with an assistant message")
-    return apply_chat_template(messages)[len(_GENERATION_PROMPT) :]
-
-
-def _check_message(message: object, index: int) -> tuple[str, str]:
-    if not isinstance(message, Mapping):
-        raise ValueError(f"message {index} must be an object with 'role' and 'content'")
-    role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or not isinstance(content, str):
-        raise ValueError(f"message {index} must have string 'role' and 'content'")
-    if role not in CHAT_ROLES:
-        expected = ", ".join(CHAT_ROLES)
-        raise ValueError(f"message {index} has unknown role {role!r} (expected one of {expected})")
-    return role, content
+def _read_generation_config(directory: str) -> dict[str, Any] | None:
+    """`generation_config.json` of a model directory, else the token ids of its `config.json`
+    (what transformers' `GenerationConfig.from_model_config` takes), else None."""
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(directory, name)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                values = json.load(f)
+            if name == "generation_config.json":
+                return values
+            ids = {k: values[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if values.get(k) is not None}
+            return ids or None
+    return None
