@@ -1,5 +1,5 @@
 """The optimiser every compiled step uses: AdamW on a warmup-cosine schedule, clipped,
-accumulated, and skipping non-finite updates.
+accumulated, skipping non-finite updates and, for bfloat16 params, on float32 master weights.
 
 :class:`OptimizerConfig` is the one definition of the options that shape it (the command line
 generates its flags from these fields); the peak learning rate, the number of updates and the
@@ -9,7 +9,7 @@ accumulation are each run's own.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,8 @@ import optax
 
 from jaxalign.settings import setting
 
-__all__ = ["OptimizerConfig", "learning_rate_schedule", "make_optimizer", "nonfinite_count",
-           "optimizer_schedule"]
+__all__ = ["MasterWeightsState", "OptimizerConfig", "float32_master_weights",
+           "learning_rate_schedule", "make_optimizer", "nonfinite_count", "optimizer_schedule"]
 
 # apply_if_finite gives up skipping after this many consecutive non-finite updates; we never
 # want a poisoned update applied, so the limit is effectively infinite.
@@ -40,6 +40,58 @@ class OptimizerConfig:
             raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
 
 
+class MasterWeightsState(NamedTuple):
+    """State of :func:`float32_master_weights`: float32 copies of the params and the inner
+    optimiser's state (built on those copies, so its moments are float32 too)."""
+
+    master: Any  # a float32 copy of every floating-point param (others as they are)
+    inner: optax.OptState
+
+
+def _to_float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(
+        x.dtype, jnp.floating) else x, tree)
+
+
+def float32_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Mixed-precision training of low-precision (e.g. bfloat16) params: ``inner`` runs on
+    float32 master copies of the params, with float32 gradients and moments, and the params
+    become the master weights rounded to their own dtype after every update.
+
+    The update it returns is ``round(master') − params`` in float32, so
+    ``optax.apply_updates(params, updates)`` (which adds in float32 and casts back) lands
+    exactly on the rounded master weights; small updates accumulate in the master copy instead
+    of being lost to bfloat16 rounding. optax has no such wrapper; this is the scheme of
+    MaxText's float32 weights with a bfloat16 compute copy and of PyTorch AMP / TRL's
+    ``bf16=True`` (float32 master params and optimizer state), here with the low-precision
+    copy being the stored params. Costs 4 bytes per parameter for the master copy.
+
+    When every parameter is already float32 (or not a float) the wrapper is ``inner`` itself:
+    same state, same numbers.
+    """
+
+    def init(params: Any) -> Any:
+        if all(leaf.dtype == jnp.float32 or not jnp.issubdtype(leaf.dtype, jnp.floating)
+               for leaf in jax.tree.leaves(params)):
+            return inner.init(params)
+        master = _to_float32(params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if not isinstance(state, MasterWeightsState):
+            return inner.update(grads, state, params)
+        if params is None:
+            raise ValueError("float32_master_weights needs the params in update()")
+        updates, inner_state = inner.update(_to_float32(grads), state.inner, state.master)
+        master = optax.apply_updates(state.master, updates)
+        deltas = jax.tree.map(
+            lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32)
+            if jnp.issubdtype(p.dtype, jnp.floating) else jnp.zeros_like(p), master, params)
+        return deltas, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     learning_rate: float = 1e-4,
     *,
@@ -53,6 +105,7 @@ def make_optimizer(
     eps: float = 1e-8,
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = True,
+    master_weights: bool = False,
 ) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay, global-norm clipping, accumulation, and
     non-finite updates skipped.
@@ -72,6 +125,9 @@ def make_optimizer(
       b1, b2, eps: Adam moments.
       grad_accum_steps: micro-batches per update.
       skip_nonfinite: wrap in ``optax.apply_if_finite``.
+      master_weights: keep float32 master weights, gradients, accumulators and moments for
+        low-precision params (:func:`float32_master_weights`, outermost: the whole chain above
+        runs in float32 on the master copy; a skipped step leaves it untouched).
     """
     if total_steps < 1 or warmup_steps < 0 or grad_accum_steps < 1:
         raise ValueError(
@@ -92,6 +148,8 @@ def make_optimizer(
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=grad_accum_steps)
     if skip_nonfinite:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER_APPLY_NONFINITE)
+    if master_weights:
+        optimizer = float32_master_weights(optimizer)
     return optimizer
 
 
@@ -122,5 +180,7 @@ def optimizer_schedule(
 
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     """Total updates skipped for non-finite gradients (0 if the optimiser does not skip)."""
+    if isinstance(opt_state, MasterWeightsState):
+        opt_state = opt_state.inner
     total = getattr(opt_state, "total_notfinite", None)
     return jnp.zeros((), jnp.int32) if total is None else jnp.asarray(total, jnp.int32)
