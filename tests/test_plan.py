@@ -67,18 +67,13 @@ def test_hlo_costs_read_collectives():
 
 
 # ------------------------------------------------------------------------------ small plans
-@pytest.fixture(scope="module")
-def dpo_small():
-    """A DPO plan on data=2, fsdp=2, tensor=2 and its abstract step."""
+def test_small_dpo_plan_matches_a_real_run_and_counts_flops_exactly():
+    """data=2, fsdp=2, tensor=2. The state as a run creates and places it (``shard_state``), the
+    batch as ``shard_batch`` splits it: the same shardings as the planned inputs, and on every
+    device exactly the bytes the plan reports. Without remat the compiled dots are the model
+    FLOPs (3 policy forwards, 1 reference forward); cost_analysis counts one scanned layer."""
     planned = plan_cli.compile_plan(_config(step="dpo", mesh="data=2,fsdp=2,tensor=2"))
-    return planned.report, planned.built
-
-
-def test_argument_bytes_equal_what_a_real_run_places_on_each_device(dpo_small):
-    """The state as a run creates and places it (``sharding.shard_state``), the batch as
-    ``shard_batch`` splits it: the same shardings as the planned inputs, and on every device
-    exactly the bytes the plan reports."""
-    result, built = dpo_small
+    result, built = planned.report, planned.built
     causal_lm = CausalLM(plan_cli.model_config(_config()))
     mesh = jax.tree.leaves(built.state)[0].sharding.mesh
     optimizer = steps.make_optimizer(**_config().optimizer_options())
@@ -93,8 +88,8 @@ def test_argument_bytes_equal_what_a_real_run_places_on_each_device(dpo_small):
     batch = sharding.shard_batch({f"{side}_{name}": ids for side in ("chosen", "rejected")
                                   for name in ("ids", "attention_mask", "completion_mask")}, mesh)
     real = jax.tree.leaves((state, batch))
-    planned = jax.tree.leaves((built.state, *built.args))
-    assert [x.sharding for x in real] == [x.sharding for x in planned]
+    assert [x.sharding for x in real] == [x.sharding for x in jax.tree.leaves(
+        (built.state, *built.args))]
     per_device = {d: 0 for d in mesh.devices.flat}
     for array in real:
         for shard in array.addressable_shards:
@@ -105,15 +100,10 @@ def test_argument_bytes_equal_what_a_real_run_places_on_each_device(dpo_small):
     assert sum(mem[k] for k in parts) == mem["arguments"]
     # XLA's own count leaves out inputs the step never reads (here one boolean scalar)
     assert 0 <= mem["arguments"] - mem["arguments_xla"] <= 8
-
-
-def test_small_flops_model_equals_compiled_without_remat(dpo_small):
-    """No remat: the compiled dots are the model FLOPs (3 forwards of the policy, one of the
-    reference); cost_analysis counts the scanned layers once, so it reports less."""
-    flops = dpo_small[0]["flops_per_device"]
+    flops = result["flops_per_device"]
     assert flops["compiled"] == pytest.approx(flops["model"], rel=1e-6)
     assert flops["cost_analysis"] < 0.9 * flops["compiled"]
-    assert dpo_small[0]["loops_without_trip_count"] == 0
+    assert result["loops_without_trip_count"] == 0
 
 
 _TEMP_SCRIPT = """
