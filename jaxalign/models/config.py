@@ -18,8 +18,8 @@ import numpy as np
 
 from jaxalign.settings import setting
 
-__all__ = ["ACTIVATIONS", "LAYER_TYPES", "PRESETS", "REMAT_POLICIES", "ROPE_TYPES",
-           "ComputeConfig", "TransformerConfig", "get_config"]
+__all__ = ["ACTIVATIONS", "FAMILY_SWITCHES", "LAYER_TYPES", "PRESETS", "REMAT_POLICIES",
+           "ROPE_TYPES", "ComputeConfig", "TransformerConfig", "get_config"]
 
 
 def _as_dtype(value: Any) -> np.dtype:
@@ -210,6 +210,16 @@ class TransformerConfig:
         if self.layer_types is None:
             return (True,) * self.n_layers
         return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+
+#: The fields added for the Hugging Face families. A saved config may leave them out at their
+#: defaults, so configs (and checkpoints) written before they existed still compare equal.
+FAMILY_SWITCHES = tuple(f.name for f in dataclasses.fields(TransformerConfig)
+                        if f.name not in ("vocab_size", "d_model", "n_layers", "n_heads",
+                                          "n_kv_heads", "d_ff", "head_dim", "rope_theta",
+                                          "norm_eps", "max_len", "tie_embeddings", "qkv_bias",
+                                          "param_dtype", "dtype", "remat", "remat_policy",
+                                          "scan_layers", "initializer_range"))
 
 
 PRESETS: dict[str, TransformerConfig] = {
