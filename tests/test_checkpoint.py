@@ -1,10 +1,15 @@
-"""Tests for jaxalign.checkpoint: round trips, retention, crash safety, mismatch messages."""
+"""Tests for jaxalign.checkpoint: round trips, retention, crash safety, mismatch messages,
+background saves, fingerprints that catch altered bytes, damaged steps set aside, write errors
+that name the path."""
 
 import dataclasses
+import errno
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import jax
@@ -12,8 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from orbax.checkpoint._src.path import atomicity
 
-from jaxalign.checkpoint import CheckpointMismatchError, Checkpointer, config_mismatches
+from jaxalign.checkpoint import (CheckpointCorruptError, CheckpointMismatchError, Checkpointer,
+                                 CheckpointWriteError, config_mismatches, os_error_of,
+                                 tree_fingerprint)
 
 CONFIG = {"d_model": 8, "n_layers": 2, "activation": "gelu", "rope": {"theta": 10000.0}}
 
@@ -88,8 +98,8 @@ def test_save_schedule_and_keep_last_k(tmp_path: Path) -> None:
 
 
 def test_partial_checkpoint_directory_is_ignored_and_cleaned(tmp_path: Path) -> None:
-    ckpt = Checkpointer(tmp_path)
-    ckpt.save(2, make_state(seed=2), metadata={"ok": True})
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, make_state(seed=2), metadata={"ok": True})
     partial = tmp_path / "3.orbax-checkpoint-tmp-1732345678901234"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\x00" * 100)
@@ -103,7 +113,7 @@ def test_partial_checkpoint_directory_is_ignored_and_cleaned(tmp_path: Path) -> 
 
 
 CRASHING_SAVE = textwrap.dedent("""
-    import os, sys
+    import os, signal, sys
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
     from jaxalign.checkpoint import Checkpointer
@@ -111,14 +121,15 @@ CRASHING_SAVE = textwrap.dedent("""
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def crash_before_commit(self):
-        if self.get_final().name == "2":  # step 2's final rename: die with its files half-written
-            os._exit(17)
+        if self.get_final().name == "2":  # step 2's final rename: die with its files written
+            os.kill(os.getpid(), signal.SIGKILL)  # but not renamed into place (a background thread)
         await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = crash_before_commit
     ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {"w": jnp.ones((64, 64))}, metadata={"step": 1})
     ckpt.save(2, {"w": jnp.zeros((64, 64))}, metadata={"step": 2})
+    ckpt.wait_until_finished()
     os._exit(0)
 """)
 
@@ -126,7 +137,7 @@ CRASHING_SAVE = textwrap.dedent("""
 def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(tmp_path)], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert result.returncode == 17, result.stderr[-2000:]
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert any(".orbax-checkpoint-tmp" in name for name in os.listdir(tmp_path))  # the partial save
     ckpt = Checkpointer(tmp_path)
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
@@ -190,3 +201,144 @@ def test_errors_for_missing_checkpoint_and_bad_metadata(tmp_path: Path) -> None:
     assert ckpt.all_steps() == []
     with pytest.raises(ValueError, match="max_to_keep must be positive or None"):
         Checkpointer(tmp_path, max_to_keep=0)
+
+
+# ------------------------------------------------------------------------------ background saves
+def test_save_returns_while_the_write_is_still_running(tmp_path: Path, monkeypatch) -> None:
+    release, finalize = threading.Event(), atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def held_finalize(self):  # the background thread's last act: rename into place
+        if self.get_final().name == "1":
+            assert release.wait(timeout=60)
+        await finalize(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", held_finalize)
+    state = make_state(seed=1)
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.save(1, state, metadata={"step": 1})  # returns with the write unfinished
+    assert not (tmp_path / "1").exists() and ckpt.all_steps() == [1]
+    state["params"]["block_0"]["bias"].delete()  # the arrays were copied: donating them is safe
+    release.set()
+    assert not ckpt.save(1, make_state())  # waits for the save in flight; no second write
+    ckpt.close()
+    restored, metadata = Checkpointer(tmp_path).restore(make_state())
+    assert metadata == {"step": 1}
+    np.testing.assert_array_equal(restored["params"]["block_0"]["bias"], np.arange(4))
+
+
+# ------------------------------------------------------------------------------ fingerprints
+_DTYPES = [jnp.float32, jnp.bfloat16, jnp.int8, jnp.uint32, jnp.bool_, jnp.int32]
+
+
+@settings(max_examples=20, deadline=None)
+@given(dtype=st.sampled_from(_DTYPES), shape=st.sampled_from([(), (5,), (3, 4), (2, 3, 4)]),
+       data=st.data())
+def test_fingerprint_changes_with_any_single_element(dtype, shape, data) -> None:
+    values = np.asarray(data.draw(st.lists(st.integers(0, 255), min_size=int(np.prod(shape)),
+                                           max_size=int(np.prod(shape)))), np.int64)
+    array = jnp.asarray(values.reshape(shape) % (2 if dtype == jnp.bool_ else 256)).astype(dtype)
+    index = data.draw(st.integers(0, max(array.size - 1, 0)))
+    changed = array.reshape(-1).at[index].set(
+        jnp.logical_not(array.reshape(-1)[index]) if dtype == jnp.bool_
+        else array.reshape(-1)[index] + 1).reshape(shape)
+    before, after = tree_fingerprint({"a": array}), tree_fingerprint({"a": changed})
+    assert before["a"][0] == jnp.dtype(dtype).name
+    assert before != after and tree_fingerprint({"a": array}) == before
+
+
+def test_fingerprint_sees_swapped_elements_keys_and_is_the_same_sharded() -> None:
+    array = jnp.arange(64, dtype=jnp.float32).reshape(8, 8)
+    swapped = array.at[0, 0].set(array[0, 1]).at[0, 1].set(array[0, 0])  # same plain sum
+    assert tree_fingerprint([array]) != tree_fingerprint([swapped])
+    keys = tree_fingerprint([jax.random.key(0)]), tree_fingerprint([jax.random.key(1)])
+    assert keys[0] != keys[1] and keys[0]["0"][0] == "key"
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), devices=jax.devices()[:8])
+    sharded = jax.device_put(array, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data", "fsdp")))
+    assert tree_fingerprint([sharded]) == tree_fingerprint([array]) == tree_fingerprint(
+        [np.asarray(array)])
+
+
+# ------------------------------------------------------------------------------ damaged steps
+def _damage_arrays(step_dir: Path, how: str) -> None:
+    path = max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    content = bytearray(path.read_bytes())
+    if how == "truncate":
+        os.truncate(path, len(content) // 2)
+        return
+    middle = len(content) // 2
+    content[middle:middle + 8] = bytes(b ^ 0x55 for b in content[middle:middle + 8])
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("how", ["overwrite", "truncate"])
+def test_damaged_latest_step_is_set_aside_and_the_previous_restored(tmp_path: Path, how) -> None:
+    big = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)}
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": big["w"] * step}, metadata={"step": step})
+    _damage_arrays(tmp_path / "3", how)
+    ckpt = Checkpointer(tmp_path, max_to_keep=None)
+    with pytest.raises(CheckpointCorruptError, match=f"checkpoint 3 in {tmp_path} is damaged"):
+        ckpt.restore(big, step=3)  # an explicit step is not replaced by another
+    reports = []
+    restored, metadata = ckpt.restore(big, report=reports.append)
+    assert metadata == {"step": 2} and ckpt.all_steps() == [1, 2]
+    np.testing.assert_array_equal(restored["w"], big["w"] * 2)
+    cause = ("'w' differs from the fingerprint" if how == "overwrite"
+             else "its arrays cannot be read")
+    assert len(reports) == 1 and cause in reports[0]
+    assert reports[0].endswith("set aside as 3.corrupt, using step 2 instead")
+    assert (tmp_path / "3.corrupt" / "state").is_dir()  # kept for inspection
+    assert ckpt.save(3, {"w": big["w"] * 3}, metadata={"step": 3})  # and written afresh
+    ckpt.close()
+    _damage_arrays(tmp_path / "3", how)
+    with pytest.warns(RuntimeWarning, match="set aside as 3.corrupt2, using step 2 instead"):
+        assert Checkpointer(tmp_path).read_metadata() == {"step": 3}  # metadata still reads
+        assert Checkpointer(tmp_path).restore(big)[1] == {"step": 2}
+
+
+def test_every_step_damaged_is_an_error_naming_them(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"w": jnp.ones(4)})
+    os.truncate(tmp_path / "1" / "metadata" / "metadata", 3)
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(CheckpointCorruptError, match="its metadata cannot be read"):
+        ckpt.read_metadata()
+    with pytest.warns(RuntimeWarning, match="no earlier checkpoint to use"), pytest.raises(
+            CheckpointCorruptError, match=r"every checkpoint in .* is damaged \(steps 1,"):
+        ckpt.restore({"w": jnp.ones(4)})
+
+
+# ------------------------------------------------------------------------------ write errors
+def test_errno_is_read_from_tensorstore_and_rust_errors() -> None:
+    assert os_error_of(ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x\": Failed"
+                                  " to write: No space left on device [os_error_code='28']")) == (
+        errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert os_error_of(Exception("No space left on device (os error 28)"))[0] == errno.ENOSPC
+    assert os_error_of(PermissionError(errno.EACCES, "Permission denied"))[0] == errno.EACCES
+    assert os_error_of(ValueError("bad value")) is None
+
+
+def test_a_failed_background_write_names_its_step_and_the_intact_ones(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def disk_full_at_2(self):
+        if self.get_final().name == "2":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        await finalize(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full_at_2)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {"w": jnp.ones(4)})
+    ckpt.save(2, {"w": jnp.zeros(4)})  # fails in the background
+    with pytest.raises(CheckpointWriteError) as error:
+        ckpt.save(3, {"w": jnp.zeros(4)})  # which the next save reports
+    assert isinstance(error.value, OSError) and error.value.errno == errno.ENOSPC
+    assert error.value.filename == str(tmp_path / "2")
+    assert error.value.strerror == ("No space left on device (writing checkpoint 2; checkpoint 1"
+                                    " is intact)")
+    ckpt.close()  # reported once
+    monkeypatch.undo()
+    assert Checkpointer(tmp_path).restore({"w": jnp.zeros(4)})[0]["w"].tolist() == [1.0] * 4
