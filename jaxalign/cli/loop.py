@@ -13,12 +13,22 @@ an uninterrupted run logs after ``k``. :class:`RunLog` writes ``metrics.jsonl`` 
 step ``k`` on resume; wall-clock figures go to TensorBoard and the summary only), TensorBoard
 scalars and a tqdm bar. The loop syncs with the device only on logged steps. In a multi-process
 run every process calls the loop (checkpoints are collective) and only process 0 writes logs.
+
+Stopping early: SIGTERM during :func:`checkpointed_loop` checkpoints the last finished step at
+the next step boundary and returns (``LoopResult.stopped_by == "SIGTERM"``, ``summary.json``
+``"stopped_by"``); the command then exits with :data:`jaxalign.cli.exits.PREEMPTED_EXIT`.
+Checkpoints are written in the background, are complete or absent (a SIGKILL mid-save leaves
+the previous one), and a damaged latest one is reported and the one before it resumed from
+(:class:`~jaxalign.checkpoint.Checkpointer`). A write that fails (a full disk) raises an
+``OSError`` naming the path; ``metrics.jsonl`` is cut back on resume by writing a new file and
+renaming it over the old one, so a crash then loses no line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -26,12 +36,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from jaxalign.distributed import is_main_process
-from jaxalign.checkpoint import CheckpointMismatchError, Checkpointer, config_mismatches
+from jaxalign.checkpoint import (CheckpointCorruptError, CheckpointMismatchError, Checkpointer,
+                                 config_mismatches)
+from jaxalign.cli.exits import StopSignal
 from jaxalign.cli.options import flat_values
+from jaxalign.cli.run_log import RunLog, naming_path
 from jaxalign.data import DataLoader
 
 __all__ = ["LoopResult", "RunError", "RunLog", "check_checkpoints", "checkpoint_steps",
@@ -50,9 +61,25 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _check_out_path(out: Path) -> None:
+    """Raises :class:`RunError` unless ``out`` is, or can become, a directory (checked before
+    anything is written: a file in the way, or a file where a parent directory should be)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "it" if path == out else str(path)
+                raise RunError(f"--out {out} cannot be a run directory: {what} is a file"
+                               " (name a directory)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise RunError(f"--out {out}: {path} is not writable")
+            return
+
+
 def prepare_out(out: Path, *, resume: bool) -> bool:
-    """Whether the run resumes from ``out/checkpoints``; raises if it holds checkpoints and
-    ``resume`` is false (notes on stderr when ``resume`` finds none)."""
+    """Whether the run resumes from ``out/checkpoints``; raises if ``out`` cannot be a
+    directory, or holds checkpoints and ``resume`` is false (notes on stderr when ``resume``
+    finds none)."""
+    _check_out_path(out)
     existing = checkpoint_steps(out / "checkpoints")
     if existing and not resume:
         raise RunError(f"{out / 'checkpoints'} already holds checkpoints (latest step"
@@ -65,8 +92,11 @@ def prepare_out(out: Path, *, resume: bool) -> bool:
 
 def check_checkpoints(directory: Path, kind: str, model_config: dict[str, Any]) -> None:
     """Raises unless the latest checkpoint is from this command and this model config."""
-    with Checkpointer(directory, max_to_keep=None) as ckpt:
-        metadata = ckpt.read_metadata()
+    try:
+        with Checkpointer(directory, max_to_keep=None, read_only=True) as ckpt:
+            metadata = ckpt.read_metadata()  # the newest one whose metadata reads
+    except CheckpointCorruptError as error:
+        raise RunError(f"cannot resume: {error}") from None
     if metadata.get("kind") != kind:
         raise RunError(f"the checkpoints in {directory} are from 'jaxalign"
                        f" {metadata.get('kind')}', not 'jaxalign {kind}'")
@@ -80,108 +110,25 @@ def restore(ckpt: Checkpointer, state: Any, loader: DataLoader, args: dict[str, 
     """The latest checkpoint's state and step; moves the loader there; warns about the
     ``trajectory_options`` of ``args`` that changed since (the metrics will then differ from an
     uninterrupted run)."""
-    state, metadata = ckpt.restore(state, config=model_config)
+    def report(message: str) -> None:
+        if is_main_process():
+            print(f"warning: {message}", file=sys.stderr)
+
+    try:
+        state, metadata = ckpt.restore(state, config=model_config, report=report)
+    except CheckpointCorruptError as error:
+        raise RunError(f"cannot resume: {error}; start afresh without --resume") from None
     try:
         loader.restore(metadata["loader"])
     except ValueError as error:
         raise RunError(f"cannot resume: {error}") from None
     old_args = metadata.get("args", {})
     changed = [f"{k}: {old_args.get(k)!r} -> {args[k]!r}" for k in trajectory_options
-               if old_args.get(k) != args[k]]
+               if old_args.get(k) != json.loads(json.dumps(args[k]))]  # tuples read as lists
     if changed and is_main_process():
         print(f"warning: resuming with changed options ({'; '.join(changed)}); the metrics"
               " will differ from an uninterrupted run", file=sys.stderr)
     return state, int(metadata["step"])
-
-
-# ------------------------------------------------------------------------------ logging
-class RunLog:
-    """metrics.jsonl, TensorBoard and the progress bar; measures tokens/s between log steps.
-
-    ``headline`` is the metric shown on the bar (and in the log line without a bar). Token
-    counts may be device scalars (e.g. generated tokens); they are read on logged steps only.
-    With ``enabled=False`` (processes other than 0) nothing is written.
-    """
-
-    def __init__(self, out: Path, kind: str, *, total: int, start: int, progress: bool,
-                 headline: str = "loss", enabled: bool = True) -> None:
-        self.enabled, self.progress = enabled, progress and enabled
-        self.total, self.headline = total, headline
-        if enabled:
-            path = out / "metrics.jsonl"
-            kept = []
-            if start and path.exists():  # drop what a crashed run logged after its checkpoint
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if _logged_step(line) <= start]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
-        self.bar = tqdm(total=total, initial=start, desc=f"jaxalign {kind}", unit="step",
-                        disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
-        self._tokens, self._pending = 0, []
-        self.first_log: tuple[float, int] | None = None  # (time, tokens) after the first log
-        self.last_log = (time.perf_counter(), 0)
-
-    def add_tokens(self, count: Any) -> None:
-        """Counts ``count`` more tokens (an int, or a device scalar read later)."""
-        if isinstance(count, int):
-            self._tokens += count
-        else:
-            self._pending.append(count)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens counted so far (reads pending device counts)."""
-        if self._pending:
-            self._tokens += int(round(sum(float(c) for c in jax.device_get(self._pending))))
-            self._pending = []
-        return self._tokens
-
-    def log(self, step: int, metrics: dict[str, Any], extra: dict[str, float]) -> dict[str, float]:
-        """Writes ``{"step", **metrics, **extra}`` (metrics on the host) and updates the bar."""
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, **extra}
-        now, tokens = time.perf_counter(), self.tokens
-        rate = (tokens - self.last_log[1]) / max(now - self.last_log[0], 1e-9)
-        self.last_log = (now, tokens)
-        self.first_log = self.first_log or self.last_log
-        if not self.enabled:
-            return record
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for name, value in record.items():
-            if name != "step":
-                self.writer.add_scalar(name, value, step)
-        self.writer.add_scalar("perf/tokens_per_s", rate, step)
-        value = record[self.headline]
-        if self.progress:
-            short = self.headline.split("/")[0]
-            self.bar.set_postfix({short: f"{value:.4f}", "tok_s": f"{rate:.0f}"}, refresh=False)
-        else:
-            print(f"step {step}/{self.total} {self.headline} {value:.4f} tokens/s {rate:.0f}",
-                  file=sys.stderr)
-        return record
-
-    def steady_rate(self, started: float) -> float:
-        """Tokens/s after the first logged step (which includes compilation) when possible."""
-        now, tokens = time.perf_counter(), self.tokens
-        begin_time, begin_tokens = self.first_log or (started, 0)
-        if tokens == begin_tokens:
-            begin_time, begin_tokens = started, 0
-        return (tokens - begin_tokens) / max(now - begin_time, 1e-9)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.enabled:
-            self.writer.close()
-            self.file.close()
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a torn or foreign line (so it is dropped)."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -192,22 +139,29 @@ class LoopResult(NamedTuple):
     wall_time_s: float  # since ``began``: setup and compilation included
     tokens: int
     tokens_per_s: float  # after the first logged step when possible
+    stopped_by: str | None = None  # "SIGTERM" when a signal stopped the run early
 
 
 def run_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *, start: int,
              end: int, total: int, out: Path, kind: str, ckpt: Checkpointer,
              checkpoint_metadata: Callable[[int], dict[str, Any]], log_every: int,
              save_every: int, progress: bool, began: float, headline: str = "loss",
-             extra: Callable[[int], dict[str, float]] = lambda step: {}) -> LoopResult:
+             extra: Callable[[int], dict[str, float]] = lambda step: {},
+             stop: StopSignal | None = None) -> LoopResult:
     """Steps ``start + 1 … end`` of a run of ``total`` steps: logs steps 1, every
     ``log_every``-th and ``total`` (``{"step", **metrics, **extra(step)}``), checkpoints every
-    ``save_every``-th and the last one; closes ``ckpt`` (also on error)."""
+    ``save_every``-th and the last one; closes ``ckpt`` (also on error), waiting for its
+    background save. When ``stop`` requests it at a step boundary, the loop ends there: the
+    last step done is checkpointed and ``stopped_by`` says why."""
     log = RunLog(out, kind, total=total, start=start, progress=progress, headline=headline,
                  enabled=is_main_process())
     started = time.perf_counter()
-    metrics, step = None, start
+    metrics, step, stopped_by = None, start, None
     try:
         for step in range(start + 1, end + 1):
+            if stop is not None and stop.requested(step - 1):
+                step, stopped_by = step - 1, stop.received
+                break
             state, metrics, tokens = step_fn(state, step)
             log.add_tokens(tokens)
             if step == 1 or step % log_every == 0 or step == total:
@@ -218,18 +172,34 @@ def run_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *
         final_metrics = {k: float(v) for k, v in jax.device_get(metrics or {}).items()}
         wall_time = time.perf_counter() - began
         tokens_per_s = log.steady_rate(started)
-        ckpt.save(step, state, metadata=checkpoint_metadata(step))
-    finally:
+        if step > start or stopped_by is None:
+            ckpt.save(step, state, metadata=checkpoint_metadata(step))
+    except BaseException:
+        _close_after_failure(log, ckpt)
+        raise
+    try:
         log.close()
+    finally:
+        ckpt.close()  # waits for the background save
+    return LoopResult(state, step, final_metrics, wall_time, log.tokens, tokens_per_s,
+                      stopped_by)
+
+
+def _close_after_failure(log: RunLog, ckpt: Checkpointer) -> None:
+    """Closes both after an error, which stays the one raised (a full disk also fails the
+    closing flushes)."""
+    with contextlib.suppress(Exception):
+        log.close()
+    with contextlib.suppress(Exception):
         ckpt.close()
-    return LoopResult(state, step, final_metrics, wall_time, log.tokens, tokens_per_s)
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """``out/summary.json`` (process 0 only)."""
     if is_main_process():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n",
-                                          encoding="utf-8")
+        with naming_path(out / "summary.json"):
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n",
+                                              encoding="utf-8")
 
 
 def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *,
@@ -242,7 +212,20 @@ def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict,
     ``resuming``, run :func:`run_loop` to ``--stop-at`` or ``--steps``, checkpoint with the
     loader's position and ``config``'s options as metadata. ``config`` has ``steps``,
     ``stop_at``, ``save_every``, ``keep``, ``log_every``, ``progress``. Returns the loop's
-    result and the step it started from."""
+    result and the step it started from. SIGTERM from the restore on stops the loop at the
+    next step boundary, after checkpointing the last step done (``result.stopped_by``)."""
+    with StopSignal() as stop:
+        return _checkpointed_loop(state, step_fn, config=config, kind=kind, out=out,
+                                  loader=loader, resuming=resuming, model_config=model_config,
+                                  trajectory_options=trajectory_options, began=began,
+                                  headline=headline, extra=extra, stop=stop)
+
+
+def _checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *,
+                       config: Any, kind: str, out: Path, loader: DataLoader, resuming: bool,
+                       model_config: dict[str, Any], trajectory_options: Iterable[str],
+                       began: float, headline: str, extra: Callable[[int], dict[str, float]],
+                       stop: StopSignal) -> tuple[LoopResult, int]:
     args = flat_values(config)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=config.keep)
     start = 0
@@ -262,7 +245,8 @@ def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict,
     result = run_loop(state, step_fn, start=start, end=end, total=config.steps, out=out,
                       kind=kind, ckpt=ckpt, checkpoint_metadata=checkpoint_metadata,
                       log_every=config.log_every, save_every=config.save_every,
-                      progress=config.progress, began=began, headline=headline, extra=extra)
+                      progress=config.progress, began=began, headline=headline, extra=extra,
+                      stop=stop)
     return result, start
 
 
@@ -271,7 +255,8 @@ def summarize(kind: str, result: LoopResult, *, start: int, total: int, out: Pat
     """The summary of a checkpointed run (``fields`` first), written to ``out/summary.json``."""
     summary = {
         "kind": kind, "steps": result.step, "start_step": start, "total_steps": total,
-        "finished": result.step == total, **fields, "final_metrics": result.final_metrics,
+        "finished": result.step == total, "stopped_by": result.stopped_by, **fields,
+        "final_metrics": result.final_metrics,
         "wall_time_s": result.wall_time_s, "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s, "out": str(out),
         "final_dir": final and str(final), "hf_dir": hf_dir and str(hf_dir),
