@@ -6,9 +6,10 @@ in one line naming the path (exit 2), with the earlier checkpoints still readabl
 Killed runs are subprocesses of a tiny SFT model that signal themselves at a chosen point (a
 real signal from the kernel, at a known step: an outside ``kill`` cannot aim at a step of a
 model this small). Their resumes run in this process, against one uninterrupted reference run.
-The full disk is real: a 800 KiB tmpfs (we run as root; where ``mount`` is refused the test
-falls back to making Orbax's save raise the error TensorStore raises on a full disk, and says
-so in its skip-free output).
+The full disk is real: an 800 KiB tmpfs, filled by the run itself (the tests run as root).
+Where ``mount`` is refused the test does not skip: it makes Orbax's save of checkpoint 6 raise
+the error TensorStore raises on a full disk, which checks the message and the resume, not the
+write path.
 """
 
 import json
