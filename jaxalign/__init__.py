@@ -6,11 +6,12 @@ reductions and KL controllers. Models, sampling, training steps and data live in
 
 __version__ = "0.1.0"
 
-from jaxalign.advantages import gae, group_advantages, kl_shaped_rewards
+from jaxalign.advantages import gae, group_advantages, kl_shaped_rewards, reinforce_pp_advantages
 from jaxalign.kl_control import AdaptiveKLController, FixedKLController, KLControllerState
 from jaxalign.logprobs import gather_logprobs, sequence_logprobs, token_logprobs
 from jaxalign.losses import (
     BCOBaselineState,
+    aggregate_loss,
     apo_down_loss,
     apo_zero_loss,
     bco_baseline_init,
@@ -18,6 +19,7 @@ from jaxalign.losses import (
     bco_loss,
     bco_pair_loss,
     bradley_terry_loss,
+    clip_fractions,
     cpo_loss,
     discopop_loss,
     dpo_loss,
@@ -37,6 +39,7 @@ from jaxalign.losses import (
     ppo_loss,
     robust_dpo_loss,
     rpo_loss,
+    sequence_log_ratio,
     simpo_loss,
     sppo_hard_loss,
     value_loss,
@@ -49,6 +52,7 @@ __all__ = [
     "FixedKLController",
     "KLControllerState",
     "__version__",
+    "aggregate_loss",
     "apo_down_loss",
     "apo_zero_loss",
     "bco_baseline_init",
@@ -56,6 +60,7 @@ __all__ = [
     "bco_loss",
     "bco_pair_loss",
     "bradley_terry_loss",
+    "clip_fractions",
     "cpo_loss",
     "discopop_loss",
     "dpo_loss",
@@ -81,8 +86,10 @@ __all__ = [
     "orpo_loss",
     "ppo_clip_loss",
     "ppo_loss",
+    "reinforce_pp_advantages",
     "robust_dpo_loss",
     "rpo_loss",
+    "sequence_log_ratio",
     "sequence_logprobs",
     "simpo_loss",
     "sppo_hard_loss",

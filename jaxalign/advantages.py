@@ -1,11 +1,16 @@
 """Advantage estimators over token-level rollouts: GAE, the critic-free group estimators
-(GRPO, RLOO) and the KL-shaped per-token rewards they start from."""
+(GRPO, Dr. GRPO, RLOO), REINFORCE++'s batch-normalised returns, and the KL-shaped per-token
+rewards they start from."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from jaxalign.masking import masked_whiten
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
 def gae(
@@ -71,17 +76,28 @@ def gae(
     return advantages, returns
 
 
-def group_advantages(scores: ArrayLike, group_size: int, estimator: str) -> jax.Array:
+def group_advantages(scores: ArrayLike, group_size: int, estimator: str, *,
+                     eps: float = 1e-6) -> jax.Array:
     """Critic-free sequence advantages from ``scores [B·k]`` grouped ``k`` per prompt.
 
-    ``grpo``: ``(s − mean_g) / (std_g + 1e−6)`` with the unbiased group std (Shao et al. 2024,
-    arXiv:2402.03300); ``rloo``: ``s_i − mean_{j≠i} s_j`` (Ahmadian et al. 2024,
-    arXiv:2402.14740). Rows ``g·k … g·k + k − 1`` are the samples of prompt ``g``.
+    With ``s̄_g`` the mean and ``σ_g`` the unbiased (``ddof=1``, as ``torch.std`` in TRL and
+    verl) standard deviation of prompt ``g``'s ``k`` scores:
+
+    - ``grpo``: ``(s_i − s̄_g) / (σ_g + eps)`` (Shao et al. 2024, arXiv:2402.03300, §4.1.2);
+    - ``dr_grpo``: ``s_i − s̄_g``, no division by σ, which weights prompts of nearly equal rewards
+      as heavily as the rest (Liu et al. 2025, "Understanding R1-Zero-Like Training",
+      arXiv:2503.20783, eq. 3);
+    - ``rloo``: ``s_i − (1/(k−1)) Σ_{j≠i} s_j = k/(k−1) · (s_i − s̄_g)``, the leave-one-out
+      baseline (Ahmadian et al. 2024, arXiv:2402.14740, eq. 9).
+
+    Each sums to zero over a group (GRPO's up to ``eps``). Rows ``g·k … g·k + k − 1`` are the
+    samples of prompt ``g``.
 
     Args:
       scores: ``[B·k]`` sequence rewards.
       group_size: ``k ≥ 2`` samples per prompt.
-      estimator: ``"grpo"`` or ``"rloo"``.
+      estimator: one of :data:`GROUP_ESTIMATORS` (``"grpo"``, ``"dr_grpo"``, ``"rloo"``).
+      eps: GRPO's guard against a zero standard deviation.
 
     Returns:
       ``[B·k]`` advantages.
@@ -90,12 +106,35 @@ def group_advantages(scores: ArrayLike, group_size: int, estimator: str) -> jax.
     mean = jnp.mean(grouped, axis=1, keepdims=True)
     if estimator == "grpo":
         std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
-        adv = (grouped - mean) / (std + 1e-6)
+        adv = (grouped - mean) / (std + eps)
+    elif estimator == "dr_grpo":
+        adv = grouped - mean
     elif estimator == "rloo":
         adv = (grouped - mean) * group_size / (group_size - 1)
     else:
-        raise ValueError(f"estimator must be grpo or rloo, got {estimator!r}")
+        raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
     return adv.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: ArrayLike, completion_mask: ArrayLike, *,
+                            gamma: float = 1.0) -> jax.Array:
+    """REINFORCE++ advantages: the per-token return ``G_t = Σ_{s ≥ t} γ^{s−t} r_s`` whitened
+    over every valid token of the batch (Hu 2025, arXiv:2501.03262, eq. 7 and §3.2; OpenRLHF's
+    ``reinforce``): no critic, no groups, one global normalisation.
+
+    With KL-shaped rewards (:func:`kl_shaped_rewards`) ``G_t = score − β Σ_{s ≥ t} KL_s``.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards (the score at the last completion token).
+      completion_mask: ``[B, T]``, 1 on completion tokens.
+      gamma: discount γ.
+
+    Returns:
+      ``[B, T]`` float32 advantages, 0 at masked positions.
+    """
+    rewards = jnp.asarray(rewards)
+    returns, _ = gae(rewards, jnp.zeros_like(rewards), completion_mask, gamma=gamma, lam=1.0)
+    return masked_whiten(returns, jnp.asarray(completion_mask) > 0)
 
 
 def kl_shaped_rewards(scores: ArrayLike, kl: ArrayLike, completion_mask: ArrayLike, *,

@@ -103,3 +103,66 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_completion_token():
     rewards = ja.kl_shaped_rewards(jnp.array([3.0, -1.0, 7.0]), kl, mask, kl_coef=0.1)
     np.testing.assert_allclose(rewards, [[-0.05, -0.1, -0.2 + 3.0, 0.0], [-0.1 - 1.0, 0, 0, 0],
                                          [7.0, 0, 0, 0]], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the GRPO family
+def np_group_advantages(scores, k, estimator, eps=1e-6):
+    """Each paper's formula, per group, in float64 Python loops."""
+    scores = np.float64(scores)
+    out = np.zeros_like(scores)
+    for g in range(len(scores) // k):
+        group = scores[g * k:(g + 1) * k]
+        for i in range(k):
+            if estimator == "grpo":  # Shao et al. 2024, §4.1.2 (unbiased std, as TRL)
+                out[g * k + i] = (group[i] - group.mean()) / (group.std(ddof=1) + eps)
+            elif estimator == "dr_grpo":  # Liu et al. 2025, eq. 3
+                out[g * k + i] = group[i] - group.mean()
+            else:  # RLOO, Ahmadian et al. 2024: minus the mean of the others
+                out[g * k + i] = group[i] - np.mean(np.delete(group, i))
+    return out
+
+
+@given(st.integers(2, 5), st.integers(1, 4), st.sampled_from(["grpo", "dr_grpo", "rloo"]),
+       st.data())
+def test_group_advantages_match_float64_references(k, groups, estimator, data):
+    scores = data.draw(jt.rewards((k * groups,)))
+    got = np.asarray(ja.group_advantages(scores, k, estimator))
+    expected = np_group_advantages(scores, k, estimator)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * (1 + np.abs(expected).max()))
+    # dr_grpo and rloo sum to exactly zero per group; grpo up to its eps
+    sums = got.reshape(groups, k).sum(1)
+    scale = 1 + np.abs(scores).max() * (1e4 if estimator == "grpo" else 1.0)
+    np.testing.assert_allclose(sums, 0.0, atol=1e-5 * scale * k)
+
+
+def test_dr_grpo_keeps_the_scale_grpo_divides_out():
+    scores = jnp.array([0.0, 0.0, 0.0, 0.1, 5.0, 5.0, 5.0, 15.0])
+    dr = ja.group_advantages(scores, 4, "dr_grpo")
+    grpo = ja.group_advantages(scores, 4, "grpo")
+    np.testing.assert_allclose(dr, [-0.025, -0.025, -0.025, 0.075, -2.5, -2.5, -2.5, 7.5],
+                               rtol=1e-5)
+    np.testing.assert_allclose(grpo[:4], grpo[4:], rtol=1e-3)  # GRPO: both groups look alike
+
+
+def np_reinforce_pp(rewards, mask, gamma):
+    """Return-to-go per row (valid positions only), whitened over all valid tokens."""
+    rewards = np.float64(rewards)
+    returns = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        running = 0.0
+        for t in np.flatnonzero(mask[b])[::-1]:
+            running = rewards[b, t] + gamma * running
+            returns[b, t] = running
+    valid = mask > 0
+    mean, var = returns[valid].mean(), returns[valid].var(ddof=1) if valid.sum() > 1 else 0.0
+    return np.where(valid, (returns - mean) / np.sqrt(var + 1e-8), 0.0)
+
+
+@given(jt.masked_rollouts(allow_empty=False), st.floats(0.5, 1.0))
+def test_reinforce_pp_matches_float64_reference(rollout, gamma):
+    mask = rollout["mask"]
+    got = np.asarray(ja.reinforce_pp_advantages(rollout["rewards"], mask, gamma=gamma))
+    expected = np_reinforce_pp(rollout["rewards"], mask, gamma)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    junk = np.where(mask > 0, rollout["rewards"], np.nan)  # masked tokens never matter
+    np.testing.assert_array_equal(ja.reinforce_pp_advantages(junk, mask, gamma=gamma), got)

@@ -25,8 +25,12 @@ What they return:
 - baselines of the unpaired losses: :func:`kto_kl_baseline` returns a ``[]`` float32 KL
   estimate (no gradient); :func:`bco_baseline_init` / :func:`bco_baseline_update` are the
   ``(init, update)`` pair of a :class:`BCOBaselineState` (``mean``, ``count``: ``[]`` float32);
-- one *reduced* result: :func:`ppo_loss` returns ``(loss, metrics)``, the masked mean over
-  valid tokens of the combined PPO objective (a float32 scalar) and a dict of scalar metrics.
+- *reduced* results: :func:`ppo_loss` returns ``(loss, metrics)``, the combined PPO objective
+  (a float32 scalar; its policy term aggregated as ``loss_agg`` says) and a dict of scalar
+  metrics; :func:`aggregate_loss` reduces per-token losses by token mean, sequence mean or
+  Dr. GRPO's constant normaliser (:data:`LOSS_AGGREGATIONS`); :func:`clip_fractions` gives the
+  low/high clip fractions;
+- ``[B, T]`` GSPO log-ratios: :func:`sequence_log_ratio`.
 
 Reduce the unreduced ones with :func:`jaxalign.masked_mean` (or ``jnp.mean``).
 :data:`KL_ESTIMATORS` names the estimators :func:`kl_penalty` accepts.
@@ -53,10 +57,14 @@ from jaxalign.losses.dpo_variants import (
 )
 from jaxalign.losses.policy import (
     KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    clip_fractions,
     entropy,
     kl_penalty,
     ppo_clip_loss,
     ppo_loss,
+    sequence_log_ratio,
     value_loss,
 )
 from jaxalign.losses.preference import (
@@ -81,6 +89,9 @@ from jaxalign.losses.unpaired import (
 
 __all__ = [
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "clip_fractions",
     "BCOBaselineState",
     "apo_down_loss",
     "apo_zero_loss",
@@ -110,6 +121,7 @@ __all__ = [
     "robust_dpo_loss",
     "rpo_loss",
     "simpo_loss",
+    "sequence_log_ratio",
     "sppo_hard_loss",
     "value_loss",
 ]
