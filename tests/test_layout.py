@@ -17,7 +17,9 @@ LAYERS = {
         "jaxalign.logprobs", "jaxalign.masking", "jaxalign.models", "jaxalign.settings",
         "jaxalign.testing"),
     2: ("jaxalign.train", "jaxalign.sampling", "jaxalign.sharding", "jaxalign.checkpoint",
-        "jaxalign.data", "jaxalign.tokenizer", "jaxalign.batching", "jaxalign.distributed"),
+        "jaxalign.data", "jaxalign.tokenizer", "jaxalign.batching", "jaxalign.distributed",
+        "jaxalign.rewards", "jaxalign.chat_template", "jaxalign.conversation",
+        "jaxalign.plan"),
     3: ("jaxalign.cli", "jaxalign.demo", "jaxalign.evaluate", "jaxalign.feedback"),
 }
 
