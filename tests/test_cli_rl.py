@@ -24,7 +24,12 @@ RESUME_AT = 6
 RLHF_METRICS = {"score/mean", "score/std", "kl", "kl_coef", "entropy", "policy/clipfrac",
                 "policy/approx_kl", "loss/policy", "loss/value", "loss/total", "value/clipfrac",
                 "response_length", "eos_fraction", "return/mean", "advantage/mean", "grad_norm",
-                "lr"}
+                "lr",
+                # issue 17: the completion-length and per-side clip metrics of TRL / verl
+                "completions/mean_length", "completions/min_length", "completions/max_length",
+                "completions/clipped_ratio", "policy/clipfrac_low", "policy/clipfrac_high",
+                # with --samples-per-prompt 2: the share of prompt groups without reward signal
+                "frac_reward_zero_std"}
 
 
 def _ppo_flags(runs, prompts, out, *extra):

@@ -41,7 +41,7 @@ from jaxalign.train.rlhf import (
     rlhf_state_models,
     shard_rlhf_state,
 )
-from jaxalign.train.rlhf_config import ADVANTAGE_ESTIMATORS, RLHFConfig
+from jaxalign.train.rlhf_config import ADVANTAGE_ESTIMATORS, GRPOConfig, RLHFConfig
 from jaxalign.train.scorers import completion_scorer, reward_model_scorer
 from jaxalign.train.sft import make_sft_step, sft_loss
 from jaxalign.train.unpaired import (
@@ -62,6 +62,7 @@ from jaxalign.train.state import (
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "CompiledStep",
+    "GRPOConfig",
     "OptimizerConfig",
     "PREFERENCE_LOSSES",
     "PairLogps",

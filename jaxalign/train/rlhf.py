@@ -6,15 +6,20 @@
 ``_advantages``, ``_ppo_epochs`` — that
 
 1. samples completions with the compiled KV-cache sampler,
-2. scores them: policy and reference log-probs, values, and the reward model's score of each
-   full sequence (or a pure ``reward_fn(completion_ids, completion_mask) -> [B]``, or a
-   ``scorer(prompt_ids, prompt_mask, completion_ids, completion_mask) -> [B]`` for rewards
-   that need the prompt, such as checking an answer),
+2. scores them: the reward model's score of each full sequence (or a pure
+   ``reward_fn(completion_ids, completion_mask) -> [B]``, or a ``scorer(prompt_ids,
+   prompt_mask, completion_ids, completion_mask) -> [B]`` for rewards that need the prompt, or
+   Python ``reward_fns`` on the decoded text through ``jax.pure_callback``, see
+   :mod:`jaxalign.train.text_rewards`); with DAPO's dynamic sampling it keeps the prompt
+   groups whose rewards differ; then policy and reference log-probs and values,
 3. builds per-token rewards ``−β·KL_t`` with the score added at the last completion token
-   (optional missing-EOS penalty and reward whitening),
-4. estimates advantages — GAE with whitening, or the critic-free ``grpo`` / ``rloo`` — and
-5. runs ``ppo_epochs`` × ``num_minibatches`` PPO updates as nested ``lax.scan``s over
-   shuffled minibatches, then
+   (optional missing-EOS penalty and reward whitening), or leaves the KL to the loss
+   (``kl_in="loss"``, the GRPO paper),
+4. estimates advantages — GAE, the critic-free ``grpo`` / ``dr_grpo`` / ``rloo``, or
+   ``reinforce_pp`` (:mod:`jaxalign.train.rlhf_advantages`) — and
+5. runs ``ppo_epochs`` × ``num_minibatches`` clipped policy-gradient updates (per-token or
+   GSPO's per-sequence ratio, asymmetric and dual clip, the loss aggregated by token mean,
+   sequence mean or Dr. GRPO's constant) as nested ``lax.scan``s over shuffled minibatches,
 6. updates the adaptive KL coefficient.
 
 Token layout: prompts are left-padded ``[B, P]``, completions ``[B, N]``; the scored sequence
@@ -26,27 +31,31 @@ position that predicts it (TRL's convention).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
-from jaxalign.advantages import gae, group_advantages, kl_shaped_rewards
 from jaxalign.kl_control import AdaptiveKLController, FixedKLController, KLControllerState
 from jaxalign.logprobs import gather_logprobs
-from jaxalign.losses import entropy, kl_penalty, ppo_loss
-from jaxalign.masking import masked_mean, masked_whiten
+from jaxalign.losses import entropy, kl_penalty
+from jaxalign.masking import masked_mean
 from jaxalign.models import value_params_from_reward_model
 from jaxalign.sampling import make_generate
-from jaxalign.train.rlhf_config import RLHFConfig
+from jaxalign.train import rlhf_advantages as stages
+from jaxalign.train.rlhf_config import GRPOConfig, RLHFConfig
+from jaxalign.train.rlhf_metrics import rlhf_metrics
+from jaxalign.train.rlhf_update import ppo_epochs
 from jaxalign.train.scorers import completion_scorer
 from jaxalign.train.state import CompiledStep, compile_step
+from jaxalign.train.text_rewards import sharded_score, text_rewards
 
-__all__ = ["RLHFConfig", "RLHFState", "init_rlhf_state", "kl_controller", "make_rlhf_step",
+__all__ = ["GRPOConfig", "RLHFConfig", "RLHFState", "init_rlhf_state", "kl_controller", "make_rlhf_step",
            "rlhf_state_models", "shard_rlhf_state"]
 
 
@@ -63,7 +72,8 @@ class RLHFState:
     """Everything an RLHF iteration carries (a pytree; donated to the step).
 
     ``value_params``/``value_opt_state`` are ``None`` with a shared value head or a critic-free
-    estimator; ``reward_params`` is ``None`` when a ``reward_fn`` or ``scorer`` scores.
+    estimator; ``reward_params`` is ``None`` when a ``reward_fn``, ``scorer`` or ``reward_fns``
+    score; ``ref_params`` is ``None`` when the config needs no reference (fixed β = 0).
     """
 
     policy_params: Any
@@ -88,12 +98,14 @@ def init_rlhf_state(
 ) -> RLHFState:
     """A fresh :class:`RLHFState`.
 
-    ``ref_params`` defaults to a copy of ``policy_params`` (the SFT model). With a separate
-    critic and no ``value_params``, the value model starts from the reward model (its trunk and
-    score head become the value trunk and head), as in InstructGPT.
+    ``ref_params`` defaults to a copy of ``policy_params`` (the SFT model); none is kept when
+    ``config.uses_reference`` is false (a fixed β of 0). With a separate critic and no
+    ``value_params``, the value model starts from the reward model (its trunk and score head
+    become the value trunk and head), as in InstructGPT.
     """
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
-    ref_params = copy(policy_params if ref_params is None else ref_params)
+    ref_params = (copy(policy_params if ref_params is None else ref_params)
+                  if config.uses_reference else None)
     # The step donates the state: a reward model initialised from the policy's trunk would
     # otherwise share buffers with it ("donate the same buffer twice").
     reward_params = None if reward_params is None else copy(reward_params)
@@ -149,154 +161,68 @@ def _rollout(generate: Callable, params: Any, prompts: dict, key: jax.Array,
              samples_per_prompt: int) -> dict[str, jax.Array]:
     """Stage 1: sample ``k`` completions per prompt with the KV-cache sampler.
 
-    Returns ``prompt_ids``/``prompt_mask [B·k, P]``, ``completion``/``mask [B·k, N]`` and the
-    scored sequence ``ids``/``attn [B·k, P+N]``.
+    Returns ``prompt_ids``/``prompt_mask [B·k, P]``, ``completion``/``mask [B·k, N]``, the
+    scored sequence ``ids``/``attn [B·k, P+N]`` and each row's dataset ``index [B·k]`` (the
+    prompts' ``"index"``, 0 when they have none).
     """
-    prompt_ids = jnp.repeat(jnp.asarray(prompts["prompt_ids"], jnp.int32), samples_per_prompt, 0)
-    prompt_mask = jnp.repeat(jnp.asarray(prompts["prompt_mask"], jnp.int32), samples_per_prompt,
-                             0)
+    repeat = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), samples_per_prompt, 0)  # noqa: E731
+    prompt_ids, prompt_mask = repeat(prompts["prompt_ids"]), repeat(prompts["prompt_mask"])
+    index = prompts.get("index", jnp.zeros(jnp.shape(prompts["prompt_ids"])[:1], jnp.int32))
     out = generate(params, prompt_ids, prompt_mask, key)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion": out.tokens,
-            "mask": out.completion_mask,
+            "mask": out.completion_mask, "index": repeat(index),
             "ids": jnp.concatenate([prompt_ids, out.tokens], axis=1),
             "attn": jnp.concatenate([prompt_mask, out.completion_mask], axis=1)}
 
 
-def _score(forwards: _Forwards, reward: Any, config: RLHFConfig, state: RLHFState,
-           rollout: dict, scorer: Any) -> dict[str, jax.Array]:
+def _has_eos(config: RLHFConfig, completion: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[B]`` bool: the completion ended with a stop token (all true without one)."""
+    if config.eos_id is None:
+        return jnp.ones((completion.shape[0],), bool)
+    return jnp.any((completion == config.eos_id) & (mask > 0), axis=1)
+
+
+def _score(forwards: _Forwards, config: RLHFConfig, state: RLHFState, rollout: dict,
+           rewards: dict) -> dict[str, jax.Array]:
     """Stage 2: old and reference log-probs, old values, per-token KL and sequence scores
-    (clipped, with the missing-EOS penalty; ``raw_scores`` before either)."""
+    (clipped, with the missing-EOS penalty; ``raw_scores`` before either). Without a reference
+    (fixed β = 0) there is no reference pass and the KL is 0."""
     ids, attn, completion, mask = (rollout[k] for k in ("ids", "attn", "completion", "mask"))
     prompt_len, valid = rollout["prompt_ids"].shape[1], rollout["mask"] > 0
     logits, shared_values = forwards.policy(state.policy_params, ids, attn, prompt_len)
     old_logps = gather_logprobs(logits, completion)
     rollout_entropy = masked_mean(entropy(logits), valid)
     del logits
-    ref_logits, _ = forwards.policy(state.ref_params, ids, attn, prompt_len)
-    ref_logps = gather_logprobs(ref_logits, completion)
-    del ref_logits
+    if config.uses_reference:
+        ref_logits, _ = forwards.policy(state.ref_params, ids, attn, prompt_len)
+        ref_logps = gather_logprobs(ref_logits, completion)
+        del ref_logits
+        kl = jnp.where(valid, kl_penalty(old_logps, ref_logps,
+                                         estimator=config.kl_estimator_used), 0.0)
+    else:
+        ref_logps, kl = old_logps, jnp.zeros_like(old_logps)
     if config.shared_value_head:
         old_values = shared_values
     elif config.uses_critic:
         old_values = forwards.value(state.value_params, ids, attn, prompt_len)
     else:
         old_values = jnp.zeros_like(old_logps)
-    if scorer is not None:
-        raw_scores = jnp.asarray(scorer(rollout["prompt_ids"], rollout["prompt_mask"],
-                                        completion, mask), jnp.float32)
-    else:
-        raw_scores = reward.apply({"params": state.reward_params}, ids, attn).astype(jnp.float32)
-    scores = raw_scores
-    if config.score_clip is not None:
-        scores = jnp.clip(scores, -config.score_clip, config.score_clip)
-    has_eos = (jnp.any((completion == config.eos_id) & valid, axis=1)
-               if config.eos_id is not None else jnp.ones((completion.shape[0],), bool))
-    if config.missing_eos_penalty is not None:
-        scores = jnp.where(has_eos, scores, scores - config.missing_eos_penalty)
-    kl = jnp.where(valid, kl_penalty(old_logps, ref_logps, estimator=config.kl_estimator), 0.0)
-    return {"old_logps": old_logps, "old_values": old_values, "kl": kl, "scores": scores,
-            "raw_scores": raw_scores, "has_eos": has_eos, "entropy": rollout_entropy}
+    has_eos = _has_eos(config, completion, mask)
+    scores = stages.shaped_scores(config, rewards["raw_scores"], has_eos)
+    return {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values, "kl": kl,
+            "scores": scores, "raw_scores": rewards["raw_scores"], "has_eos": has_eos,
+            "entropy": rollout_entropy}
 
 
-def _advantages(config: RLHFConfig, scored: dict, mask: jax.Array,
-                kl_coef: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Stage 3: ``(advantages, returns) [B, N]``: GAE on the KL-shaped per-token rewards, or
-    the group estimator on ``score − β·KL`` (returns are 0 without a critic)."""
-    valid = mask > 0
-    if config.uses_critic:
-        rewards = kl_shaped_rewards(scored["scores"], scored["kl"], mask, kl_coef=kl_coef)
-        if config.whiten_rewards:
-            rewards = masked_whiten(rewards, valid, shift_mean=False)
-        advantages, returns = gae(rewards, scored["old_values"], valid, gamma=config.gamma,
-                                  lam=config.gae_lambda)
-    else:
-        sequence_reward = scored["scores"] - kl_coef * jnp.sum(scored["kl"], axis=1)
-        advantages = group_advantages(sequence_reward, config.samples_per_prompt,
-                                      config.advantage)[:, None] * valid
-        returns = jnp.zeros_like(advantages)
-    if config.whiten_advantages and config.advantage != "grpo":
-        advantages = masked_whiten(advantages, valid)
-    return advantages, returns
-
-
-def _ppo_epochs(forwards: _Forwards, config: RLHFConfig, optimizers: tuple, mesh: Mesh | None,
-                state: RLHFState, rollout: dict, key: jax.Array) -> tuple[tuple, dict]:
-    """Stage 4: ``ppo_epochs`` × ``num_minibatches`` PPO updates, nested ``lax.scan`` s over
-    shuffled minibatches of ``rollout``; returns the new ``(policy_params, policy_opt,
-    value_params, value_opt)`` and the per-update metrics ``[epochs, minibatches]``."""
-    policy_optimizer, value_optimizer = optimizers
-    batch, prompt_len = rollout["ids"].shape[0], rollout["prompt_len"]
-    separate_value = config.uses_critic and not config.shared_value_head
-
-    def loss_fn(policy_params, value_params, mb):
-        logits, values = forwards.policy(policy_params, mb["ids"], mb["attn"], prompt_len)
-        if separate_value:
-            values = forwards.value(value_params, mb["ids"], mb["attn"], prompt_len)
-        elif values is None:
-            values = jnp.zeros_like(mb["old_values"])
-        return ppo_loss(
-            gather_logprobs(logits, mb["completion"]), mb["old_logps"], mb["advantages"],
-            values, mb["old_values"], mb["returns"], mb["mask"], entropies=entropy(logits),
-            clip_eps=config.clip_eps, value_clip=config.value_clip,
-            vf_coef=config.vf_coef if config.uses_critic else 0.0, ent_coef=config.ent_coef)
-
-    def minibatch_step(carry, mb):
-        policy_params, policy_opt, value_params, value_opt = carry
-        (_, metrics), (policy_grads, value_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(policy_params, value_params, mb)
-        updates, policy_opt = policy_optimizer.update(policy_grads, policy_opt, policy_params)
-        policy_params = optax.apply_updates(policy_params, updates)
-        if value_params is not None:
-            updates, value_opt = value_optimizer.update(value_grads, value_opt, value_params)
-            value_params = optax.apply_updates(value_params, updates)
-        metrics["grad_norm"] = optax.tree.norm(policy_grads)
-        return (policy_params, policy_opt, value_params, value_opt), metrics
-
-    arrays = {k: v for k, v in rollout.items() if k != "prompt_len"}
-    mb_size = batch // config.num_minibatches
-
-    def epoch_step(carry, epoch_key):
-        order = jax.random.permutation(epoch_key, batch)
-        minibatches = jax.tree.map(
-            lambda x: _constrain(x[order].reshape(config.num_minibatches, mb_size, *x.shape[1:]),
-                                 mesh, P(None, shd.BATCH_AXES)), arrays)
-        return jax.lax.scan(minibatch_step, carry, minibatches)
-
-    carry = (state.policy_params, state.policy_opt_state, state.value_params,
-             state.value_opt_state)
-    return jax.lax.scan(epoch_step, carry, jax.random.split(key, config.ppo_epochs))
-
-
-def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def _metrics(scored: dict, updates: dict, mask: jax.Array, advantages: jax.Array,
-             returns: jax.Array, kl_coef: jax.Array) -> dict[str, jax.Array]:
-    """The iteration's metrics (TRL/OpenRLHF names)."""
-    valid = mask > 0
-    mean = jnp.mean
-    return {
-        "score/mean": mean(scored["raw_scores"]), "score/std": jnp.std(scored["raw_scores"]),
-        "kl": mean(jnp.sum(scored["kl"], axis=1)), "kl_coef": kl_coef,
-        "entropy": scored["entropy"],
-        "policy/clipfrac": mean(updates["clipfrac"]),
-        "policy/approx_kl": mean(updates["approx_kl"]),
-        "loss/policy": mean(updates["policy_loss"]), "loss/value": mean(updates["value_loss"]),
-        "loss/total": mean(updates["loss"]), "value/clipfrac": mean(updates["value_clipfrac"]),
-        "response_length": mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
-        "eos_fraction": mean(scored["has_eos"].astype(jnp.float32)),
-        "return/mean": masked_mean(returns, valid),
-        "advantage/mean": masked_mean(advantages, valid),
-        "grad_norm": mean(updates["grad_norm"]),
-    }
-
-
-def _check_rewards(config: RLHFConfig, value: Any, reward: Any, reward_fn: Any,
-                   scorer: Any) -> jax.tree_util.Partial | None:
-    """The scorer the step is passed (``None`` with a reward model); raises on a bad mix."""
-    if (reward is not None) + (reward_fn is not None) + (scorer is not None) != 1:
-        raise ValueError("pass exactly one of reward (a RewardModel), reward_fn and scorer")
+def _check_rewards(config: RLHFConfig, value: Any, reward: Any, reward_fn: Any, scorer: Any,
+                   reward_fns: Any) -> jax.tree_util.Partial | None:
+    """The scorer the step is passed (``None`` with a reward model or Python rewards); raises
+    on a bad mix."""
+    given = (reward is not None) + (reward_fn is not None) + (scorer is not None) + (
+        reward_fns is not None)
+    if given != 1:
+        raise ValueError("pass exactly one of reward (a RewardModel), reward_fn, scorer and"
+                         " reward_fns")
     if config.uses_critic and not config.shared_value_head and value is None:
         raise ValueError("advantage='gae' without shared_value_head needs a value model")
     if reward_fn is not None:
@@ -316,6 +242,10 @@ def make_rlhf_step(
     value_optimizer: optax.GradientTransformation | None = None,
     reward_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     scorer: Callable[..., jax.Array] | None = None,
+    reward_fns: Sequence[Callable[..., Sequence[float | None]]] | None = None,
+    reward_weights: Sequence[float] | None = None,
+    tokenizer: Any = None,
+    reward_columns: Mapping[str, Sequence[Any]] | None = None,
     mesh: Mesh | None = None,
     return_rollouts: bool = False,
 ) -> CompiledStep:
@@ -324,8 +254,9 @@ def make_rlhf_step(
     Args:
       policy: a ``CausalLM`` (or ``CausalLMWithValueHead`` with ``config.shared_value_head``).
       value: a ``ValueModel``, or ``None`` (shared head or critic-free estimator).
-      reward: a ``RewardModel``, or ``None`` when ``reward_fn`` or ``scorer`` is given.
-      config: :class:`RLHFConfig`.
+      reward: a ``RewardModel``, or ``None`` when ``reward_fn``, ``scorer`` or ``reward_fns``
+        is given.
+      config: :class:`RLHFConfig` (:class:`GRPOConfig` has GRPO's defaults).
       policy_optimizer / value_optimizer: optax transformations (e.g. ``make_optimizer``).
       reward_fn: optional pure ``(completion_ids [B, N], completion_mask [B, N]) -> [B]``
         scoring function used instead of the reward model (rule-based, verifiable rewards).
@@ -338,19 +269,34 @@ def make_rlhf_step(
         replicated on the mesh; arrays any other callable closes over are compiled in as
         constants. A learned reward model that only reads ``prompt + completion`` is better
         passed as ``reward`` (its params then live in the state, sharded like the others).
+      reward_fns: optional Python reward functions on text, TRL's ``f(prompts, completions,
+        **columns) -> list[float | None]`` (e.g. :func:`jaxalign.rewards.math_answer`), run on
+        the host through one ``jax.pure_callback`` per step (per device shard on a mesh; see
+        :mod:`jaxalign.train.text_rewards`). The score is ``Σ_f w_f r_f`` over the functions
+        that returned a value; each function's mean and std are logged.
+      reward_weights: ``w_f`` per function (default 1 each).
+      tokenizer: decodes prompts and completions for ``reward_fns`` (``decode_batch``).
+      reward_columns: ``{name: [value per dataset row]}`` passed to ``reward_fns`` as keyword
+        arguments (e.g. ``{"answer": [...]}``); the prompt batch then carries ``"index" [B]``,
+        each prompt's row.
       mesh: optional device mesh; the state is laid out by :func:`jaxalign.sharding.
         state_shardings` and prompts split over ``("data", "fsdp")``.
       return_rollouts: also return the samples, ``{"prompt_ids", "prompt_mask",
         "completion_ids", "completion_mask", "scores"}`` (``[B·k, …]``; ``scores`` before
-        clipping and the missing-EOS penalty), to log or rescore them without resampling.
+        clipping and the missing-EOS penalty; with dynamic sampling the kept groups), to log
+        or rescore them without resampling.
 
     Returns:
       A :class:`jaxalign.train.CompiledStep`: ``step(state, prompts, key) -> (state, metrics)``
       (``(state, metrics, rollouts)`` with ``return_rollouts``), the state donated. Prompts are
-      ``{"prompt_ids", "prompt_mask"}`` ``[B, P]``, left-padded; with ``samples_per_prompt = k``
-      each prompt is sampled k times.
+      ``{"prompt_ids", "prompt_mask"}`` ``[B, P]`` (plus ``"index" [B]`` with
+      ``reward_columns``), left-padded; with ``samples_per_prompt = k`` each prompt is sampled
+      k times, and with ``dynamic_sampling`` the step trains on ``B / oversample`` of them.
     """
-    scorer = _check_rewards(config, value, reward, reward_fn, scorer)
+    scorer = _check_rewards(config, value, reward, reward_fn, scorer, reward_fns)
+    text = None if reward_fns is None else text_rewards(
+        reward_fns, tokenizer, weights=reward_weights, columns=reward_columns)
+    text_score = None if text is None else sharded_score(text, mesh)
     generate = make_generate(
         policy, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_k=config.top_k, top_p=config.top_p, eos_id=config.eos_id, pad_id=config.pad_id)
@@ -358,18 +304,32 @@ def make_rlhf_step(
     controller = kl_controller(config)
 
     def step(state: RLHFState, prompts: dict, key: jax.Array, scorer: Any = None):
+        if text is not None and text.columns and "index" not in prompts:
+            raise ValueError("reward_columns need each prompt's dataset row: pass"
+                             " prompts['index'] [B]")
         sample_key, shuffle_key = jax.random.split(key)
         rollout = _rollout(generate, state.policy_params, prompts, sample_key,
                            config.samples_per_prompt)
-        scored = _score(forwards, reward, config, state, rollout, scorer)
-        advantages, returns = _advantages(config, scored, rollout["mask"], state.kl.coef)
+        rewards = stages.sequence_rewards(reward, state.reward_params, rollout, scorer,
+                                          text_score, text)
+        sampled, sampled_rewards, selection = rollout, rewards, None
+        if config.dynamic_sampling:
+            rollout, rewards, selection = stages.select_groups(config, rollout, rewards, mesh)
+        scored = _score(forwards, config, state, rollout, rewards)
+        advantages, returns = stages.estimate_advantages(config, scored, rollout["mask"],
+                                                         state.kl.coef)
         batch = {**{k: rollout[k] for k in ("ids", "attn", "completion", "mask")},
-                 "old_logps": scored["old_logps"], "old_values": scored["old_values"],
-                 "advantages": advantages, "returns": returns,
-                 "prompt_len": rollout["prompt_ids"].shape[1]}
-        carry, updates = _ppo_epochs(forwards, config, (policy_optimizer, value_optimizer), mesh,
+                 "old_logps": scored["old_logps"], "ref_logps": scored["ref_logps"],
+                 "old_values": scored["old_values"], "advantages": advantages,
+                 "returns": returns, "prompt_len": rollout["prompt_ids"].shape[1]}
+        carry, updates = ppo_epochs(forwards, config, (policy_optimizer, value_optimizer), mesh,
                                      state, batch, shuffle_key)
-        metrics = _metrics(scored, updates, rollout["mask"], advantages, returns, state.kl.coef)
+        metrics = rlhf_metrics(config, scored, updates, rollout["mask"], advantages, returns,
+                               state.kl.coef, sampled_rewards=sampled_rewards,
+                               sampled_has_eos=_has_eos(config, sampled["completion"],
+                                                        sampled["mask"]),
+                               sampled_lengths=jnp.sum(sampled["mask"], axis=1),
+                               text=text, selection=selection)
         policy_params, policy_opt, value_params, value_opt = carry
         new_state = state.replace(
             policy_params=policy_params, policy_opt_state=policy_opt, value_params=value_params,
