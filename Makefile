@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 XDIST ?= -n 2
 
-.PHONY: demo test bench clean venv
+.PHONY: demo demo-math test bench clean venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jaxalign.demo
+
+demo-math: $(STAMP)
+	$(PY) -m jaxalign.demo --task math
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) tests

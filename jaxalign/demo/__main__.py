@@ -15,8 +15,17 @@ def main(argv: list[str] | None = None) -> int:
         "Controlled-sentiment demo: SFT, reward model, PPO, DPO/IPO/ORPO, evaluation."))
     parser.add_argument("--quick", action="store_true",
                         help="small settings for tests (≈1–2 min); targets are not enforced")
-    parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    parser.add_argument("--out", default=None, help="run directory (default runs/demo, with"
+                        " --task math runs/demo_math)")
+    parser.add_argument("--task", choices=("sentiment", "math"), default="sentiment",
+                        help="sentiment: the preference-alignment demo (default); math: GRPO"
+                        " with a verifiable reward (jaxalign.demo.math_rl)")
     args = parser.parse_args(argv)
+    if args.task == "math":
+        from jaxalign.demo.math_rl import main as math_main
+
+        return math_main(quick=args.quick, out=args.out, start_time=_START)
+    args.out = args.out or "runs/demo"
 
     from jaxalign.demo.config import FULL, QUICK
     from jaxalign.demo.pipeline import run_demo
