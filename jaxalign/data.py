@@ -12,9 +12,15 @@ Record kinds (one JSON object per line; blank lines are ignored; extra fields ar
     prompt      {"prompt"}                                          prompts for RLHF generation
 
 Each text field is a string, or (conversational records) a list of `{"role", "content"}`
-messages: the prompt is the conversation so far, rendered with
-`jaxalign.tokenizer.apply_chat_template(..., add_generation_prompt=True)`; a completion is the
-assistant turn(s), rendered with `render_completion`. A record may not mix the two styles.
+messages: the prompt is the conversation so far, rendered with the tokenizer's chat template
+(`Tokenizer.apply_chat_template(..., add_generation_prompt=True)`; the plain `<|role|>` format
+without one); a completion is the turn(s) that follow. An sft record may instead be TRL's
+`{"messages": [...]}`: the prompt is everything before the first assistant message.
+Conversational completions train on their **assistant turns only** (multi-turn included): the
+mask comes from rendering prefixes (`jaxalign.conversation`), and a conversation whose
+rendering is not prefix-stable is a bad record. With a chat template the ids are the
+template's own (`transformers`' `apply_chat_template`), so `add_bos`/`add_eos` do not apply.
+A record may not mix the two styles.
 
 A sequence is `[BOS] prompt completion [EOS]` (BOS/EOS only where the tokenizer has them and
 `DataConfig.add_bos` / `add_eos` ask for them). Truncation: the prompt keeps its *end*
@@ -53,12 +59,14 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from jaxalign.conversation import ConversationError, encode_conversation, encode_prompt
 from jaxalign.tokenizer import Tokenizer, apply_chat_template, pad_rows, render_completion
 
 __all__ = [
     "RECORD_KINDS", "BadRecord", "DataConfig", "DataError", "DataLoader", "DataReport",
     "Dataset", "Example",
-    "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl", "read_records",
+    "ShardedLoader", "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl",
+    "read_records", "shard_lines",
 ]
 
 T = TypeVar("T")
@@ -147,6 +155,7 @@ class Example:
     p_chosen: float = 1.0
     ranks: tuple[int, ...] = ()
     desirable: bool = True  # unpaired records' label
+    completion_masks: tuple[np.ndarray, ...] = ()  # per completion token: 1 = trained (assistant)
 
 
 def detect_kind(record: Mapping[str, Any]) -> RecordKind:
@@ -157,7 +166,7 @@ def detect_kind(record: Mapping[str, Any]) -> RecordKind:
         return "preference"
     if "completion" in record and "label" in record:
         return "unpaired"
-    if "completion" in record:
+    if "completion" in record or "messages" in record:
         return "sft"
     if "prompt" in record:
         return "prompt"
@@ -236,12 +245,52 @@ class _Encoder:
         self.truncated = False
 
     def prompt(self, value: str | list) -> np.ndarray:
-        text = apply_chat_template(value, add_generation_prompt=True) if isinstance(value, list) else value
-        ids = self.tokenizer.encode(text)
+        if isinstance(value, list):
+            ids = encode_prompt(self.tokenizer, value, add_bos=self.config.add_bos)
+            return self._cut_prompt(ids)
+        ids = self.tokenizer.encode(value)
         if self.prompt_limit is not None and len(self.bos) + len(ids) > self.prompt_limit:
             ids = ids[len(ids) - max(self.prompt_limit - len(self.bos), 0):]
             self.truncated = True
         return np.asarray(self.bos + ids, dtype=np.int32)
+
+    def _cut_prompt(self, ids: list[int]) -> np.ndarray:
+        """An encoded prompt keeping its end within the prompt limit (a leading BOS kept)."""
+        keep = ids[:1] if ids and ids[0] == self.tokenizer.bos_id else []
+        if self.prompt_limit is not None and len(ids) > self.prompt_limit:
+            ids = keep + ids[len(ids) - max(self.prompt_limit - len(keep), 0):]
+            self.truncated = True
+        return np.asarray(ids, dtype=np.int32)
+
+    def conversation(self, prompt: list | None, completions: list[list], names: list[str]
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """Conversational prompt (``None``: a ``messages`` record's) and completions:
+        ``(prompt_ids, completion_ids, completion_masks)``, each completion cut to fit."""
+        encoded = []
+        for value, name in zip(completions, names):
+            try:
+                encoded.append(encode_conversation(self.tokenizer, prompt, value,
+                                                   add_bos=self.config.add_bos,
+                                                   add_eos=self.config.add_eos))
+            except ConversationError as error:
+                raise BadRecord(f"field '{name}': {error}") from None
+        prompt_ids = self._cut_prompt(encoded[0].prompt_ids)
+        ids, masks = [], []
+        for tokens, name in zip(encoded, names):
+            completion = self._cut_completion(list(tokens.completion_ids), prompt_ids, name)
+            ids.append(completion)
+            masks.append(np.asarray(tokens.completion_mask[:len(completion)], np.int32))
+        return prompt_ids, tuple(ids), tuple(masks)
+
+    def _cut_completion(self, ids: list[int], prompt_ids: np.ndarray, name: str) -> np.ndarray:
+        room = self.config.max_length - len(prompt_ids)
+        if len(ids) > room:
+            ids = ids[: max(room, 0)]
+            self.truncated = True
+        if not ids:
+            raise BadRecord(f"'{name}' is empty after truncation (the prompt has {len(prompt_ids)} tokens,"
+                             f" max_length={self.config.max_length})")
+        return np.asarray(ids, dtype=np.int32)
 
     def completion(self, prompt_ids: np.ndarray, value: str | list, name: str) -> np.ndarray:
         text = render_completion(value) if isinstance(value, list) else value
@@ -260,6 +309,8 @@ def _parse(record: Any, kind: RecordKind, encoder: _Encoder, num_responses: int 
     """Validates and tokenises one decoded JSON value; raises `BadRecord`."""
     if not isinstance(record, dict):
         raise BadRecord(f"record must be a JSON object, got {_json_type(record)}")
+    if kind == "sft" and "messages" in record and "prompt" not in record:
+        return _messages_example(record, encoder)
     prompt = _text_field(_get(record, "prompt"), "prompt")
     if kind == "ranking":
         responses, ranking = _get(record, "responses"), _get(record, "ranking")
@@ -287,15 +338,29 @@ def _parse(record: Any, kind: RecordKind, encoder: _Encoder, num_responses: int 
             raise BadRecord(f"field '{name}' must start with an assistant message, got role '{role}'")
     margin = _number(record, "margin", 0.0, -math.inf, math.inf) if kind == "preference" else 0.0
     p_chosen = _number(record, "p_chosen", 1.0, 0.0, 1.0) if kind == "preference" else 1.0
-    prompt_ids = encoder.prompt(prompt)
-    completion_ids = tuple(encoder.completion(prompt_ids, v, name) for v, name in zip(completions, names))
+    masks: tuple[np.ndarray, ...] = ()
+    if isinstance(prompt, list) and completions:
+        prompt_ids, completion_ids, masks = encoder.conversation(prompt, completions, names)
+    else:
+        prompt_ids = encoder.prompt(prompt)
+        completion_ids = tuple(encoder.completion(prompt_ids, v, name)
+                               for v, name in zip(completions, names))
     if kind == "preference" and np.array_equal(completion_ids[0], completion_ids[1]):
         raise BadRecord("'chosen' and 'rejected' are identical after truncation to"
                          f" max_length={encoder.config.max_length}")
     ranks = tuple(record["ranking"]) if kind == "ranking" else ()
     desirable = _label(record) if kind == "unpaired" else True
     return Example(prompt_ids, completion_ids, margin=margin, p_chosen=p_chosen, ranks=ranks,
-                   desirable=desirable)
+                   desirable=desirable, completion_masks=masks)
+
+
+def _messages_example(record: Mapping[str, Any], encoder: _Encoder) -> Example:
+    """An sft ``{"messages": [...]}`` record: trained on its assistant turns."""
+    messages = _text_field(_get(record, "messages"), "messages")
+    if not isinstance(messages, list):
+        raise BadRecord("field 'messages' must be a list of messages")
+    prompt_ids, completion_ids, masks = encoder.conversation(None, [messages], ["messages"])
+    return Example(prompt_ids, completion_ids, completion_masks=masks)
 
 
 def _label(record: Mapping[str, Any]) -> bool:
@@ -346,7 +411,8 @@ class Dataset:
                 end = start + len(completion)
                 ids[b, k, :start], ids[b, k, start:end] = example.prompt_ids, completion
                 attention_mask[b, k, :end] = 1
-                completion_mask[b, k, start:end] = 1
+                completion_mask[b, k, start:end] = (example.completion_masks[k]
+                                                    if example.completion_masks else 1)
         if self.kind == "sft":
             return {"input_ids": ids[:, 0], "attention_mask": attention_mask[:, 0],
                     "completion_mask": completion_mask[:, 0]}
@@ -416,15 +482,19 @@ def _detect(record: Any) -> RecordKind:
 
 
 def read_records(path: str | os.PathLike, parse: Callable[[Any], T], *,
-                 on_bad_record: str = "error") -> tuple[list[T], list[str]]:
+                 on_bad_record: str = "error",
+                 lines: Callable[[int], bool] | None = None) -> tuple[list[T], list[str]]:
     """``(values, skipped)``: ``parse(record)`` of every JSON line of ``path`` (blank lines
     ignored) and the ``"path:line: reason"`` of every line that is not UTF-8, not JSON, or that
     ``parse`` rejects by raising :class:`BadRecord`. With ``on_bad_record="error"`` the first
-    such line raises :class:`DataError` instead. The one JSONL reader of every jaxalign file."""
+    such line raises :class:`DataError` instead. ``lines(line_no)`` (1-based) picks the lines
+    to read (a data shard); the others are not decoded. The one JSONL reader of jaxalign."""
     path = os.fspath(path)
     values, skipped = [], []
     with open(path, "rb") as f:
         for line_no, raw_line in enumerate(f, start=1):
+            if lines is not None and not lines(line_no):
+                continue
             try:
                 record = _read_json(raw_line)
                 if record is not _BLANK:
@@ -444,6 +514,7 @@ def load_jsonl(
     *,
     kind: RecordKind | None = None,
     config: DataConfig = DataConfig(),
+    lines: Callable[[int], bool] | None = None,
 ) -> Dataset:
     """Reads, validates and tokenises a JSONL file (all of it, before any training starts).
 
@@ -454,6 +525,8 @@ def load_jsonl(
             first record.
             Fields a kind does not use are ignored (a preference file can serve as prompts).
         config: truncation, padding and bad-record policy.
+        lines: ``lines(line_no) -> bool`` keeps a subset of the lines (1-based), e.g. one data
+            shard of a multi-process run; the others are never read.
 
     Raises:
         DataError: `"{path}:{line}: {reason}"` for the first bad record (`on_bad_record="error"`),
@@ -479,7 +552,8 @@ def load_jsonl(
         report.num_truncated += int(encoder.truncated)
         return example
 
-    examples, skipped = read_records(path, parse, on_bad_record=config.on_bad_record)
+    examples, skipped = read_records(path, parse, on_bad_record=config.on_bad_record,
+                                     lines=lines)
     report.num_skipped = len(skipped)
     report.skip_reasons = skipped[:DataReport.MAX_REASONS]
     report.num_records = len(examples)
@@ -556,3 +630,50 @@ class DataLoader:
                 raise ValueError(f"loader state has {key}={state.get(key)}"
                                  f" but this loader has {key}={current}")
         self.step = int(state["step"])
+
+
+class ShardedLoader:
+    """Batches assembled from ``num_shards`` data shards, for a mesh that splits the batch.
+
+    Shard ``k`` holds the records on lines ``≡ k + 1 (mod num_shards)`` of the file and
+    contributes rows ``k·b … (k+1)·b − 1`` (``b = batch_size / num_shards``) of every batch, drawn
+    by its own :class:`DataLoader` with seed ``(seed, k)``: batch ``step`` is a pure function of
+    the seed, the step and the shard count, whatever the number of processes. A process loads
+    only its shards (``datasets``: ``{k: Dataset}``) and :meth:`batch_at` gives its rows, in
+    shard order, ready for ``sharding.shard_batch``; every shard pads to ``max_length`` so all
+    processes agree on the batch shape.
+    """
+
+    def __init__(self, datasets: Mapping[int, Dataset], batch_size: int, *, num_shards: int,
+                 seed: int = 0) -> None:
+        if batch_size % num_shards:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {num_shards} data"
+                             " shards of the mesh (data x fsdp)")
+        self.batch_size, self.num_shards, self.seed = batch_size, num_shards, seed
+        self.shards = {k: DataLoader(dataset, batch_size // num_shards, seed=seed * 1_000_003 + k)
+                       for k, dataset in sorted(datasets.items())}
+        self.step = 0
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of batch ``step``."""
+        parts = [loader.batch_at(step) for loader in self.shards.values()]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def state(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "num_shards": self.num_shards}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continues from ``state()``; refuses a state from another seed, batch or sharding."""
+        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
+                             ("num_shards", self.num_shards)):
+            if state.get(key) != current:
+                raise ValueError(f"loader state has {key}={state.get(key)}"
+                                 f" but this loader has {key}={current}")
+        self.step = int(state["step"])
+
+
+def shard_lines(shard: int, num_shards: int) -> Callable[[int], bool]:
+    """The ``lines`` filter of data shard ``shard`` (of ``num_shards``)."""
+    return lambda line_no: (line_no - 1) % num_shards == shard
+

@@ -95,6 +95,35 @@ def test_ppo_resume_gives_the_uninterrupted_metrics(ppo_run, runs, prompts, tmp_
                  run_dir.load_final(ppo_run.out)[1])
 
 
+def test_ppo_sigterm_checkpoints_the_iteration_and_resume_is_exact(ppo_run, runs, prompts,
+                                                                   tmp_path, monkeypatch):
+    # SIGTERM (what preemption sends) during iteration RESUME_AT: checkpoint, exit 143; the
+    # sft/rm/dpo/... side is tests/test_preemption.py (subprocesses, SIGKILL too)
+    import os, signal, threading  # noqa: E401, PLC0415
+
+    from jaxalign.cli import run_log  # noqa: PLC0415
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    log = run_log.RunLog.log
+
+    def log_then_sigterm(self, step, metrics, extra):
+        record = log(self, step, metrics, extra)
+        if step == RESUME_AT:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler
+        return record
+
+    out, before = tmp_path / "stopped", signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(run_log.RunLog, "log", log_then_sigterm)
+    assert cli.main(_ppo_flags(runs, prompts, out)) == 143
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+    assert sorted(os.listdir(out / "checkpoints")) == [str(RESUME_AT)]
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == "SIGTERM"
+    assert cli.main(_ppo_flags(runs, prompts, out, "--resume")) == 0
+    assert _metrics(out) == _metrics(ppo_run.out)  # exactly equal floats, line by line
+
+
 def test_ppo_on_a_data_parallel_mesh_matches_one_device(ppo_run, runs, prompts, tmp_path):
     out = tmp_path / "mesh"
     assert cli.main(_ppo_flags(runs, prompts, out, "--mesh", "data=2", "--stop-at", "2")) == 0

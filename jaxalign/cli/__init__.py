@@ -1,4 +1,5 @@
-"""``jaxalign sft|rm|dpo|ipo|orpo|ppo|rs|label``: train, label and fine-tune from JSONL files.
+"""``jaxalign sft|rm|dpo|ipo|orpo|ppo|grpo|rs|label|plan``: train, label and fine-tune from JSONL files,
+and plan a pod job.
 
     jaxalign sft --data sft.jsonl --out runs/sft --model small --steps 500
     jaxalign rm  --data prefs.jsonl --out runs/rm --init-from runs/sft
@@ -8,8 +9,10 @@
     jaxalign dpo --config runs/dpo.yaml --steps 1000          # file values, flags win
     jaxalign dpo --out runs/dpo --data prefs.jsonl --resume   # continue from the last checkpoint
     jaxalign ppo --prompts p.jsonl --policy runs/sft --reward runs/rm --out runs/ppo --mesh data=4
+    jaxalign grpo --prompts math.jsonl --policy runs/sft --reward-fn jaxalign.rewards:math_answer --answer-column answer --out runs/grpo
     jaxalign rs --prompts p.jsonl --policy runs/sft --reward runs/rm --n 8 --rounds 3 --out runs/rs
     jaxalign label --judge runs/sft --pairs pairs.jsonl --constitution cai.yaml --out labels.jsonl
+    jaxalign plan dpo --model llama-3-8b --mesh fsdp=8 --dtype bfloat16 --remat full --json
 
 Every option is a field of the command's config dataclass in :mod:`jaxalign.cli.configs`
 (:class:`~jaxalign.cli.configs.TrainConfig` for the five training commands; ``PPOConfig``,
@@ -25,7 +28,14 @@ returns the summary dict. The runs themselves (:func:`jaxalign.cli.train.train`,
 imported only when a run starts (``--help`` does not load Orbax or TensorBoard).
 
 Exit status: 0 done; 2 bad data (``file:line: reason`` on stderr), bad options or config file,
-or a checkpoint that does not fit the model (the message names the field).
+a checkpoint that does not fit the model (the message names the field), or a file that cannot
+be written (``--out`` naming a file, a full disk: one line naming the path and the cause; the
+checkpoints written before stay readable); 143 stopped by SIGTERM (TPU/GCE preemption, Slurm,
+Kubernetes): the training commands and ``ppo`` checkpoint the last step done and exit, and
+``--resume`` continues exactly. 143 is 128 + SIGTERM, the status a shell, Slurm and Kubernetes
+already report for a job ended by SIGTERM, so requeue rules written for that (a Job's
+``podFailurePolicy`` on exit code 143, ``[ $? -eq 143 ] && scontrol requeue $SLURM_JOB_ID``)
+apply as they are; it differs from 1, which an unexpected error (a traceback) gives.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxalign.cli.configs import LabelConfig, PPOConfig, RSConfig, TrainConfig
+from jaxalign.cli.configs import (GRPOConfig, LabelConfig, PlanConfig, PPOConfig, RSConfig,
+                                  TrainConfig)
 from jaxalign.cli.options import ConfigError, add_options, build, checked, load_config_file
 
 __all__ = [
@@ -54,12 +65,16 @@ TRAIN_COMMANDS = {
 COMMANDS = {
     **TRAIN_COMMANDS,
     "ppo": "RLHF with PPO (or GRPO/RLOO) against a reward model, on {prompt} records",
+    "grpo": "GRPO (and Dr. GRPO, RLOO, DAPO's options) with verifiable Python rewards"
+            " (--reward-fn) or a reward model, on {prompt, ...} records",
     "rs": "rejection-sampling fine-tuning: best-of-n of every prompt under a reward model, then"
           " SFT on the best, in rounds",
     "label": "label response pairs with a judge model (AI feedback) into soft preference JSONL",
+    "plan": "compile a step for a simulated mesh (no weights allocated): per-device memory,"
+            " FLOPs, collectives, and whether it fits TPU/GPU chips",
 }
 _CONFIGS = {**{command: TrainConfig for command in TRAIN_COMMANDS}, "ppo": PPOConfig,
-            "rs": RSConfig, "label": LabelConfig}
+            "grpo": GRPOConfig, "rs": RSConfig, "label": LabelConfig, "plan": PlanConfig}
 
 
 def config_class(command: str) -> type:
@@ -114,7 +129,7 @@ def _run(command: str, config: Any) -> dict[str, Any]:
         from jaxalign.cli.train import train  # noqa: PLC0415
 
         return train(command, config)
-    if command == "ppo":
+    if command in ("ppo", "grpo"):
         from jaxalign.cli.ppo import ppo  # noqa: PLC0415
 
         return ppo(config)
@@ -122,6 +137,10 @@ def _run(command: str, config: Any) -> dict[str, Any]:
         from jaxalign.cli.rs import rs  # noqa: PLC0415
 
         return rs(config)
+    if command == "plan":
+        from jaxalign.cli.plan import plan  # noqa: PLC0415
+
+        return plan(config)
     from jaxalign.cli.label import label  # noqa: PLC0415
 
     return label(config)
@@ -147,16 +166,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from jaxalign.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from jaxalign.data import DataError  # noqa: PLC0415
+    from jaxalign.cli.exits import PREEMPTED_EXIT, io_error_message  # noqa: PLC0415
     from jaxalign.cli.loop import RunError  # noqa: PLC0415
 
     try:
-        run_training(command, config)
+        summary = run_training(command, config)
     except DataError as error:
         print(error, file=sys.stderr)  # already "file:line: reason"
         return 2
     except (ConfigError, CheckpointMismatchError, RunError) as error:
         print(f"jaxalign {command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a full disk, an unwritable path: the path and the cause
+        message = io_error_message(error, getattr(config, "out", None))
+        if message is None:
+            raise
+        print(f"jaxalign {command}: error: {message}", file=sys.stderr)
+        return 2
+    if isinstance(summary, dict) and summary.get("stopped_by"):
+        print(f"jaxalign {command}: stopped by {summary['stopped_by']} after step"
+              f" {summary['steps']}/{summary['total_steps']}; continue with --resume (exit"
+              f" status {PREEMPTED_EXIT})", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

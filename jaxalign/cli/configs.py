@@ -10,11 +10,15 @@ import dataclasses
 from typing import Any
 
 from jaxalign.cli.options import ConfigError, embed, option
+from jaxalign.models.config import ComputeConfig
 from jaxalign.train.optim import OptimizerConfig
 from jaxalign.train.preference import PreferenceConfig
+from jaxalign.train import rlhf_config
 from jaxalign.train.rlhf_config import RLHFConfig
 
-__all__ = ["PREFERENCE_COMMANDS", "LabelConfig", "PPOConfig", "RSConfig", "TrainConfig"]
+__all__ = ["PLAN_STEPS", "PREFERENCE_COMMANDS", "GRPOConfig", "LabelConfig", "PPOConfig",
+           "PlanConfig",
+           "RSConfig", "TrainConfig"]
 
 
 def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
@@ -35,6 +39,13 @@ _REF = ("dpo", "ipo")
 PREFERENCE_COMMANDS = ("dpo", "ipo", "orpo", "kto")  # the commands of PreferenceConfig
 
 
+def _mesh_option() -> Any:
+    """The ``--mesh`` option (one definition for every command that takes it)."""
+    return option(None, "device mesh AXIS=N,... over data, fsdp, tensor, e.g. data=4,fsdp=2;"
+                  " data left out takes the devices the others leave (default: one device, or"
+                  " every device data-parallel in a multi-process run)", metavar="SPEC")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run depends on (the CLI's options, the file's keys)."""
@@ -45,7 +56,11 @@ class TrainConfig:
     model: str = option("tiny", "preset name (tiny, small, bench; random init) or a local Hugging"
                       " Face model directory", metavar="PRESET_OR_HF_DIR")
     model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to the"
-                                 " preset, e.g. '{\"n_layers\": 1}'", type=dict, metavar="JSON")
+                                 " preset, e.g. '{\"n_layers\": 1}' (an HF model or --init-from"
+                                 " run: fields that keep its weights, e.g. max_len)", type=dict,
+                                 metavar="JSON")
+    compute: ComputeConfig = embed(ComputeConfig, after="model_overrides")
+    mesh: str | None = _mesh_option()
     tokenizer: str | None = option(None, "tokenizer.json or a directory holding one (default: the"
                                  " model's, or a byte-level BPE trained on --data and saved in"
                                  " DIR/tokenizer)", metavar="PATH")
@@ -96,7 +111,8 @@ class TrainConfig:
         optimiser updates: ``steps / grad_accum_steps``)."""
         updates = -(-self.steps // self.grad_accum_steps)
         return {"learning_rate": self.lr, "total_steps": updates,
-                **dataclasses.asdict(self.optimizer), "grad_accum_steps": self.grad_accum_steps}
+                **dataclasses.asdict(self.optimizer), "grad_accum_steps": self.grad_accum_steps,
+                "master_weights": True}  # float32 master weights for bf16 params (f32: no-op)
 
     def preference_config(self, kind: str) -> PreferenceConfig:
         """The step's :class:`PreferenceConfig`: ``ipo``, ``orpo`` and ``kto`` are ``dpo`` with
@@ -124,14 +140,17 @@ class _PolicyRunConfig:
                                 " run (DIR or DIR/final, e.g. an sft run), a Hugging Face model"
                                 " directory, or a preset (random init)", metavar="DIR_OR_PRESET")
     reward: str | None = option(None, "a jaxalign rm run that scores prompt + completion"
-                                " (required)", metavar="DIR")
+                                " (required); ppo and grpo take --reward-fn instead",
+                                metavar="DIR")
     out: str | None = option(None, "run directory (required): metrics.jsonl, tb/, final/, hf/"
                              " (ppo: also checkpoints/)", metavar="DIR")
     tokenizer: str | None = option(None, "tokenizer.json or a directory holding one (default:"
                                    " the policy's; for a preset policy the reward run's)",
                                    metavar="PATH")
     model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to a"
-                                   " preset --policy", type=dict, metavar="JSON")
+                                   " preset --policy (an HF model or run: fields that keep its"
+                                   " weights)", type=dict, metavar="JSON")
+    compute: ComputeConfig = embed(ComputeConfig, after="model_overrides")
     lr: float = option(1e-5, "peak learning rate (AdamW) of the policy", type=float)
     optimizer: OptimizerConfig = embed(OptimizerConfig, after="lr")
     max_prompt_length: int | None = option(None, "prompts keep their last this many tokens"
@@ -153,16 +172,14 @@ class _PolicyRunConfig:
     def optimizer_options(self, total_updates: int, lr: float | None = None) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` for ``total_updates`` updates."""
         return {"learning_rate": self.lr if lr is None else lr, "total_steps": total_updates,
-                **dataclasses.asdict(self.optimizer)}
+                **dataclasses.asdict(self.optimizer), "master_weights": True}
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig(_PolicyRunConfig):
     """Everything one ``jaxalign ppo`` run depends on (RLHF knobs as in :class:`RLHFConfig`)."""
 
-    mesh: str | None = option(None, "device mesh AXIS=N,... over data, fsdp, tensor, e.g."
-                              " data=4,fsdp=2; data left out takes the devices the others leave"
-                              " (default: one device)", metavar="SPEC")
+    mesh: str | None = _mesh_option()
     steps: int = option(100, "RLHF iterations (sample, score, PPO update); the LR schedule spans"
                         " them", type=int)
     stop_at: int | None = option(None, "stop after this iteration with a checkpoint, as if"
@@ -170,6 +187,17 @@ class PPOConfig(_PolicyRunConfig):
     batch_size: int = option(8, "prompts per iteration", type=int)
     value_lr: float | None = option(None, "learning rate of the separate value model (default:"
                                     " --lr)", type=float)
+    reward_fn: list = option([], "a Python reward function on the decoded text instead of"
+                             " --reward: MODULE:FUNCTION or MODULE:FACTORY(key=value, ...), e.g."
+                             " jaxalign.rewards:math_answer; repeat the flag for several (the"
+                             " score is their weighted sum; default: none)", type=list,
+                             metavar="MODULE:FN")
+    reward_weights: str | None = option(None, "comma-separated weight of each --reward-fn"
+                                        " (default: 1 each)", metavar="W,W")
+    answer_column: str | None = option(None, "the prompts' field with the reference answer,"
+                                       " passed to the reward functions as 'answer' (required"
+                                       " in every record; default: the fields as they are)",
+                                       metavar="FIELD")
     rlhf: RLHFConfig = embed(RLHFConfig, exclude=("eos_id", "pad_id"))
     save_every: int = option(100, "checkpoint every N iterations (and at the end)", type=int)
     keep: int = option(3, "checkpoints kept", type=int)
@@ -181,14 +209,29 @@ class PPOConfig(_PolicyRunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, ("steps", "batch_size", "save_every", "keep", "log_every"), ("stop_at",))
+        if self.reward is not None and self.reward_fn:
+            raise ConfigError("pass --reward (a reward model) or --reward-fn, not both")
+        if not self.reward_fn and (self.reward_weights is not None
+                                   or self.answer_column is not None):
+            raise ConfigError("--reward-weights and --answer-column go with --reward-fn")
 
     @property
     def max_new_tokens(self) -> int:
         return self.rlhf.max_new_tokens
 
-    def rlhf_config(self, *, eos_id: int | None, pad_id: int) -> RLHFConfig:
+    def rlhf_config(self, *, eos_id: int | tuple[int, ...] | None, pad_id: int) -> RLHFConfig:
         """The :class:`RLHFConfig` the run uses: ``rlhf`` with the tokenizer's EOS and pad ids."""
         return dataclasses.replace(self.rlhf, eos_id=eos_id, pad_id=pad_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(PPOConfig):
+    """Everything one ``jaxalign grpo`` run depends on: ``ppo``'s options with GRPO's defaults
+    (:class:`jaxalign.train.rlhf_config.GRPOConfig`: group-normalised advantages over 8 samples
+    per prompt, the KL in the loss with β = 0, one update per batch), usually scored by
+    ``--reward-fn``."""
+
+    rlhf: RLHFConfig = embed(rlhf_config.GRPOConfig, exclude=("eos_id", "pad_id"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,3 +275,56 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         _check(self, ("batch_size", "max_length"))
+
+
+PLAN_STEPS = ("sft", "rm", "dpo", "ipo", "orpo", "ppo")  # the steps jaxalign plan compiles
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """What ``jaxalign plan`` compiles: one step, a model shape, a mesh and the batch shapes (see
+    :mod:`jaxalign.cli.plan`). The step's own settings are the training commands' (the
+    optimiser's, ``ppo``'s RLHF knobs), under the same names."""
+
+    step: str = option("dpo", "the step to plan: sft, rm, dpo, ipo, orpo, or ppo (the one-jit"
+                       " RLHF iteration)", choices=PLAN_STEPS, positional=True)
+    model: str = option("tiny", "model shape: llama-3-8b, qwen2.5-7b, a preset, a Hugging Face"
+                        " model directory or its config.json (only the config is read), or a"
+                        " JSON file of TransformerConfig fields", metavar="NAME_OR_PATH")
+    model_overrides: dict = option({}, "JSON object of TransformerConfig fields applied to the"
+                                   " shape", type=dict, metavar="JSON")
+    compute: ComputeConfig = embed(ComputeConfig, after="model_overrides")
+    scan_layers: bool = option(True, "compile the blocks as one scanned layer (compile time"
+                               " stays flat in depth); train with the same setting", type=bool)
+    mesh: str = option("data=1", "the mesh to simulate, AXIS=N,... over data, fsdp, tensor (as"
+                       " --mesh of the training commands); its size is the number of simulated"
+                       " CPU devices", metavar="SPEC")
+    batch_size: int = option(8, "records per batch (pairs for rm/dpo/ipo/orpo, prompts for"
+                             " ppo), split over data x fsdp", type=int)
+    max_length: int | None = option(None, "tokens per sequence, prompt + completion (default:"
+                                    " the model's max_len)", type=int)
+    max_prompt_length: int | None = option(None, "ppo: prompt tokens (default: max_length -"
+                                           " max_new_tokens)", type=int)
+    grad_accum_steps: int = option(1, "batches averaged per optimiser update", type=int)
+    precompute_ref: bool = option(False, "dpo/ipo: reference log-probs come with the batch (no"
+                                  " reference params in the state)", type=bool)
+    optimizer: OptimizerConfig = embed(OptimizerConfig, after="grad_accum_steps")
+    rlhf: RLHFConfig = embed(RLHFConfig, exclude=("eos_id", "pad_id"))
+    mfu: float = option(0.4, "model FLOPs utilisation assumed for the step-time column",
+                        type=float)
+    usable_fraction: float = option(0.9, "share of a chip's memory a step may fill (the"
+                                    " runtime, its reservations and fragmentation take the"
+                                    " rest)", type=float)
+    json: bool = option(False, "print one JSON object instead of the tables", type=bool)
+
+    def __post_init__(self) -> None:
+        _check(self, ("batch_size", "grad_accum_steps"), ("max_length", "max_prompt_length"))
+        if not (0 < self.mfu <= 1 and 0 < self.usable_fraction <= 1):
+            raise ConfigError(f"mfu={self.mfu} and usable_fraction={self.usable_fraction} must"
+                              " be in (0, 1]")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``jaxalign.train.make_optimizer``, as the training commands
+        pass them (the learning rate and the schedule's length change no buffer: fixed)."""
+        return {"learning_rate": 1e-5, "total_steps": 1000, **dataclasses.asdict(self.optimizer),
+                "grad_accum_steps": self.grad_accum_steps, "master_weights": True}

@@ -36,14 +36,18 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str, *, type: Any = str, commands: tuple[str, ...] | None = None,
            choices: tuple[str, ...] | None = None, metavar: str | None = None,
-           nullable: bool = False) -> Any:
+           nullable: bool = False, positional: bool = False) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``commands``: the commands that take it (``None``: every command of the dataclass).
     ``nullable``: ``none`` (flag) or ``null`` (file) sets it to ``None``.
+    ``positional``: an optional positional argument (``jaxalign plan dpo``) instead of a flag.
     """
     metadata = {"help": help, "type": type, "commands": commands, "choices": choices,
-                "metavar": metavar, "nullable": nullable or default is None}
+                "metavar": metavar, "nullable": nullable or default is None,
+                "positional": positional}
+    if isinstance(default, list):  # type=list: a repeatable flag, each use adds one string
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     if isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -70,6 +74,7 @@ class _Option(NamedTuple):
     commands: tuple[str, ...] | None
     metavar: str | None
     item: Any = None  # the element type of a tuple option (comma-separated on the command line)
+    positional: bool = False
 
 
 def _resolve(hint: Any) -> tuple[Any, bool, tuple | None]:
@@ -92,7 +97,8 @@ def _spec(field: dataclasses.Field, hint: Any, parent: str | None,
     meta = field.metadata
     if "type" in meta:  # an option() field: everything is declared
         return _Option(field, parent, meta["type"], meta["nullable"], meta["choices"],
-                       meta["help"], meta["commands"], meta["metavar"])
+                       meta["help"], meta["commands"], meta["metavar"],
+                       positional=meta.get("positional", False))
     kind, nullable, choices = _resolve(hint)  # a setting() of a library config
     item = None
     if isinstance(kind, tuple):
@@ -126,6 +132,7 @@ def _options(cls: type) -> dict[str, _Option]:
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                tuple: "a list (or a comma-separated string)",
+               list: "a list of strings (or one string)",
                dict: "a mapping (or a JSON object string)"}
 
 
@@ -140,6 +147,11 @@ def _coerce(spec: _Option, value: Any) -> Any:
             raise ConfigError(f"config key '{name}' must be {_TYPE_NAMES[tuple]}, got {value!r}")
         element = spec._replace(type=spec.item, item=None, nullable=False)
         return tuple(_coerce(element, v.strip() if isinstance(v, str) else v) for v in items)
+    if kind is list:  # a repeatable string option
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"config key '{name}' must be {_TYPE_NAMES[list]}, got {value!r}")
+        return list(items)
     if kind is str and isinstance(value, os.PathLike):
         value = os.fspath(value)
     if kind is dict and isinstance(value, str):
@@ -259,6 +271,18 @@ def _comma_list(spec: _Option) -> Any:
     return parse
 
 
+def _positional_choice(spec: _Option) -> Any:
+    """An argparse type checking a positional's choices (argparse's own ``choices`` would
+    also reject the SUPPRESS default of an omitted ``nargs="?"`` positional)."""
+    def parse(text: str) -> Any:
+        if text != argparse.SUPPRESS and spec.choices and text not in spec.choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from"
+                                             f" {', '.join(spec.choices)})")
+        return text
+    parse.__name__ = spec.field.name
+    return parse
+
+
 def _add_option(parser: argparse.ArgumentParser, spec: _Option) -> None:
     field = spec.field
     flag = "--" + field.name.replace("_", "-")
@@ -273,11 +297,18 @@ def _add_option(parser: argparse.ArgumentParser, spec: _Option) -> None:
         help_text += f" (default: {shown})"
     # SUPPRESS: only flags actually given appear in the namespace, so they can win over the file.
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+    if spec.positional:
+        parser.add_argument(field.name, nargs="?", type=_positional_choice(spec), **kwargs,
+                            metavar="{" + ",".join(spec.choices) + "}" if spec.choices else None)
+        return
     if spec.type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif spec.type is tuple:
         kwargs["type"] = _comma_list(spec)
         kwargs["metavar"] = spec.metavar
+    elif spec.type is list:  # repeat the flag for several values
+        kwargs["action"] = "append"
+        kwargs["metavar"] = spec.metavar or "VALUE"
     else:
         parse = _json_object if spec.type is dict else spec.type
         nullable = spec.nullable and spec.type in (int, float)

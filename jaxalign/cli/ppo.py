@@ -1,5 +1,7 @@
-"""The run behind ``jaxalign ppo``: RLHF against a reward model, one compiled iteration
+"""The run behind ``jaxalign ppo`` and ``jaxalign grpo``: RLHF against a reward model or Python
+reward functions (``--reward-fn``, :mod:`jaxalign.cli.reward_fns`), one compiled iteration
 (:func:`jaxalign.train.rlhf.make_rlhf_step`) driven by the shared loop of :mod:`jaxalign.cli.loop`.
+``grpo`` is the same run with GRPO's defaults (:class:`jaxalign.cli.configs.GRPOConfig`).
 
 A run directory ``DIR`` (``--out``) holds::
 
@@ -27,7 +29,6 @@ its rows of every batch and only process 0 writes logs.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from pathlib import Path
@@ -38,43 +39,25 @@ import numpy as np
 
 from jaxalign import distributed, sharding
 from jaxalign import train as steps
-from jaxalign.cli.configs import PPOConfig
+from jaxalign.cli.configs import GRPOConfig, PPOConfig
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
 from jaxalign.cli.options import ConfigError, flat_values
 from jaxalign.cli.run_dir import config_to_dict, save_final
-from jaxalign.cli.sources import PolicyRun, load_policy_run
+from jaxalign.cli.reward_fns import TextRewardSpec, text_reward_spec
+from jaxalign.cli.sources import PolicyRun, load_policy_run, mesh_from_spec, stop_tokens
 from jaxalign.data import DataLoader
 from jaxalign.distributed import is_main_process
 from jaxalign.models import (
     CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm,
 )
-from jaxalign.train.rlhf import init_rlhf_state, make_rlhf_step, shard_rlhf_state
+from jaxalign.train.rlhf import init_rlhf_state, make_rlhf_step, rlhf_state_models
 
 __all__ = ["ppo"]
 
 # Options that do not change the trajectory (all others are warned about when they change).
 _BOOKKEEPING = ("out", "resume", "progress", "save_every", "keep", "log_every", "stop_at",
                 "export_hf")
-
-
-def _make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
-    """The ``--mesh`` of ``AXIS=N`` entries; given sizes that need fewer devices than there are
-    use the first ones (single process), a left-out ``data`` takes the rest. Without a spec:
-    one device, or all of them (data parallel) in a multi-process run."""
-    if spec is None:
-        return sharding.make_mesh() if jax.process_count() > 1 else None
-    try:
-        sizes = sharding.parse_mesh_spec(spec)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    devices = jax.devices()
-    if "data" in sizes and math.prod(sizes.values()) < len(devices) and jax.process_count() == 1:
-        devices = devices[:math.prod(sizes.values())]
-    try:
-        return sharding.make_mesh(**sizes, devices=devices)
-    except ValueError as error:
-        raise ConfigError(f"--mesh {spec}: {error}") from None
 
 
 def _check_batch(config: PPOConfig, mesh: jax.sharding.Mesh | None) -> None:
@@ -97,7 +80,12 @@ def _check_batch(config: PPOConfig, mesh: jax.sharding.Mesh | None) -> None:
 
 def _iteration_key(rollout_key: jax.Array, step: int, mesh: Any) -> jax.Array:
     """``fold_in(rollout_key, step)``; in a multi-process run a replicated global array."""
-    key = jax.random.fold_in(rollout_key, step)
+    return _global_key(jax.random.fold_in(rollout_key, step), mesh)
+
+
+def _global_key(key: jax.Array, mesh: Any) -> jax.Array:
+    """``key`` as a replicated global array in a multi-process run (every process holds the
+    same key), else unchanged."""
     if jax.process_count() == 1:
         return key
     data = jax.device_put(jax.device_get(jax.random.key_data(key)), sharding.replicated(mesh))
@@ -106,38 +94,58 @@ def _iteration_key(rollout_key: jax.Array, step: int, mesh: Any) -> jax.Array:
 
 @functools.lru_cache(maxsize=4)
 def _rlhf_fns(policy: Any, value: Any, reward: Any, rlhf_config: Any, policy_options: tuple,
-              value_options: tuple, mesh: Any) -> tuple:
+              value_options: tuple, mesh: Any, rewards: TextRewardSpec | None = None) -> tuple:
     """``(step, policy_optimizer, value_optimizer, schedule)`` (cached: a process running
-    several jobs on one model, e.g. a resume, compiles once)."""
+    several jobs on one model, e.g. a resume, compiles once). ``rewards``: the Python reward
+    functions that score instead of ``reward``."""
     policy_optimizer = steps.make_optimizer(**dict(policy_options))
     value_optimizer = steps.make_optimizer(**dict(value_options)) if value is not None else None
     step = make_rlhf_step(policy, value, reward, rlhf_config, policy_optimizer=policy_optimizer,
-                          value_optimizer=value_optimizer, mesh=mesh)
+                          value_optimizer=value_optimizer, mesh=mesh,
+                          **(rewards.step_options() if rewards is not None else {}))
     schedule = steps.optimizer_schedule(**dict(policy_options))
     return step, policy_optimizer, value_optimizer, jax.jit(schedule)
 
 
 def _initial_state(config: PPOConfig, run: PolicyRun, rlhf_config: Any, mesh: Any,
-                   key: jax.Array) -> tuple[Any, Any, Any, Any]:
-    """``(state, step, schedule, actor)``: the placed initial RLHF state, its compiled
-    iteration, the policy's LR schedule and the policy model it trains."""
-    policy_params = run.make_policy_params(key)
+                   key: jax.Array, rewards: TextRewardSpec | None = None
+                   ) -> tuple[Any, Any, Any, Any]:
+    """``(state, step, schedule, actor)``: the placed initial RLHF state (on a mesh created
+    directly sharded, under one jit), its compiled iteration, the policy's LR schedule and the
+    policy model it trains. Without a reward model a value model starts from the policy's
+    trunk."""
     actor = run.policy
     if rlhf_config.shared_value_head:
         actor = CausalLMWithValueHead(run.policy.config)
-        policy_params = init_head_from_causal_lm(actor, policy_params, jax.random.fold_in(key, 1))
-    value = ValueModel(run.reward.config) if (
+    value = ValueModel((run.reward or run.policy).config) if (
         rlhf_config.uses_critic and not rlhf_config.shared_value_head) else None
     updates = config.steps * rlhf_config.ppo_epochs * rlhf_config.num_minibatches
     step_fn, policy_optimizer, value_optimizer, schedule = _rlhf_fns(
         actor, value, run.reward, rlhf_config, tuple(config.optimizer_options(updates).items()),
-        tuple(config.optimizer_options(updates, config.value_lr).items()), mesh)
-    state = init_rlhf_state(rlhf_config, policy_params, policy_optimizer,
-                            reward_params=run.reward_params, value_optimizer=value_optimizer)
-    if mesh is not None:
-        state = shard_rlhf_state(state, mesh, policy=actor, value=value, reward=run.reward)
-    else:  # one placement for every leaf, as the step's outputs have (see cli.train)
-        state = jax.device_put(state, jax.local_devices()[0])
+        tuple(config.optimizer_options(updates, config.value_lr).items()), mesh, rewards)
+
+    def init(make_params, reward_params, key):
+        policy_params = make_params(key)
+        value_params = None
+        if value is not None and reward_params is None:
+            value_params = init_head_from_causal_lm(value, causal_lm_params(policy_params),
+                                                    jax.random.fold_in(key, 2))
+        if rlhf_config.shared_value_head:
+            policy_params = init_head_from_causal_lm(actor, policy_params,
+                                                     jax.random.fold_in(key, 1))
+        return init_rlhf_state(rlhf_config, policy_params, policy_optimizer,
+                               reward_params=reward_params, value_params=value_params,
+                               value_optimizer=value_optimizer)
+
+    make_params = run.make_policy_params
+    if mesh is None:  # one placement for every leaf, as the step's outputs have (cli.train)
+        state = jax.device_put(init(make_params, run.reward_params, key), jax.local_devices()[0])
+        return state, step_fn, schedule, actor
+    models = rlhf_state_models(policy=actor, value=value, reward=run.reward)
+    shapes = jax.eval_shape(init, make_params, run.reward_params, key)
+    key = _global_key(key, mesh)
+    state = jax.jit(init, out_shardings=sharding.state_shardings(shapes, mesh, models))(
+        make_params, run.reward_params, key)
     return state, step_fn, schedule, actor
 
 
@@ -151,27 +159,35 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
                        " --config)")
     out = Path(config.out).absolute()
     resuming = prepare_out(out, resume=config.resume)
-    mesh = _make_mesh(config.mesh)
+    mesh = mesh_from_spec(config.mesh)
     _check_batch(config, mesh)
     # Read and check everything (the whole prompts file too) before writing anything.
-    run = load_policy_run("ppo", config)
-    rlhf_config = config.rlhf_config(eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.padding_id)
+    kind = "grpo" if isinstance(config, GRPOConfig) else "ppo"
+    run = load_policy_run(kind, config, mesh)
+    rewards = text_reward_spec(config, run.tokenizer, len(run.prompts))
+    rlhf_config = config.rlhf_config(eos_id=stop_tokens(run.tokenizer),
+                                     pad_id=run.tokenizer.padding_id)
     try:
         loader = DataLoader(run.prompts, config.batch_size, seed=config.seed)
     except ValueError as error:
         raise RunError(str(error)) from None
-    model_config = {"policy": config_to_dict(run.policy.config),
-                    "reward": config_to_dict(run.reward.config)}
+    model_config = {"policy": config_to_dict(run.policy.config)}
+    if run.reward is not None:
+        model_config["reward"] = config_to_dict(run.reward.config)
     if resuming:  # before compiling anything
-        check_checkpoints(out / "checkpoints", "ppo", model_config)
+        check_checkpoints(out / "checkpoints", kind, model_config)
     init_key, rollout_key = jax.random.split(jax.random.key(config.seed))
-    state, step_fn, schedule, _ = _initial_state(config, run, rlhf_config, mesh, init_key)
+    state, step_fn, schedule, _ = _initial_state(config, run, rlhf_config, mesh, init_key,
+                                                 rewards)
     out.mkdir(parents=True, exist_ok=True)
     k = rlhf_config.samples_per_prompt
     updates = rlhf_config.ppo_epochs * rlhf_config.num_minibatches  # per iteration
 
     def rlhf_step(state: Any, step: int) -> tuple[Any, dict, Any]:
-        prompts = run.prompts.collate(loader.indices_at(step - 1))
+        indices = loader.indices_at(step - 1)
+        prompts = run.prompts.collate(indices)
+        if rewards is not None:  # each prompt's row, where the reward functions' columns are
+            prompts["index"] = np.asarray(indices, np.int32)
         prompt_tokens = int(prompts["prompt_mask"].sum()) * k
         if mesh is not None:
             if jax.process_count() > 1:  # this process's rows of the global batch
@@ -185,29 +201,29 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
         return {"lr": float(schedule((step - 1) * updates))}
 
     result, start = checkpointed_loop(
-        state, rlhf_step, config=config, kind="ppo", out=out, loader=loader, resuming=resuming,
+        state, rlhf_step, config=config, kind=kind, out=out, loader=loader, resuming=resuming,
         model_config=model_config, began=began, headline="score/mean", extra=learning_rate,
         trajectory_options=[k for k in flat_values(config) if k not in _BOOKKEEPING])
-    return _finish(config, run, result, start, out)
+    return _finish(config, run, result, start, out, kind)
 
 
 def _finish(config: PPOConfig, run: PolicyRun, result: Any, start: int,
-            out: Path) -> dict[str, Any]:
+            out: Path, kind: str = "ppo") -> dict[str, Any]:
     """Saves the final policy (as the causal LM it is, without a shared value head) when the
     run is done, and writes and prints the summary."""
     final = hf_dir = None
     if result.step == config.steps:
-        final, hf_dir = save_final(out, "ppo", CausalLM(run.policy.config),
+        final, hf_dir = save_final(out, kind, CausalLM(run.policy.config),
                                    causal_lm_params(result.state.policy_params), run.tokenizer,
                                    result.step, config.export_hf)
     metrics = result.final_metrics
-    summary = summarize("ppo", result, start=start, total=config.steps, out=out, final=final,
+    summary = summarize(kind, result, start=start, total=config.steps, out=out, final=final,
                         hf_dir=hf_dir, final_score=metrics.get("score/mean"),
                         final_kl=metrics.get("kl"))
     score = "n/a" if not metrics else f"{metrics['score/mean']:.4f} (kl {metrics['kl']:.4f})"
     where = final or f"{out / 'checkpoints'} (resume with --resume)"
     if is_main_process():
-        print(f"jaxalign ppo: {result.step - start} iterations (to {result.step}/{config.steps}),"
+        print(f"jaxalign {kind}: {result.step - start} iterations (to {result.step}/{config.steps}),"
               f" final score {score}, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f}"
               f" tokens/s -> {where}")
     return summary

@@ -31,7 +31,7 @@ from jaxalign.cli.configs import RSConfig
 from jaxalign.cli.run_dir import save_final
 from jaxalign.cli.loop import RunError, RunLog, write_summary
 from jaxalign.distributed import is_main_process
-from jaxalign.cli.sources import load_policy_run
+from jaxalign.cli.sources import load_policy_run, stop_tokens
 
 __all__ = ["rs"]
 
@@ -72,7 +72,7 @@ def rs(config: RSConfig) -> dict[str, Any]:
             run.policy, params, reward_model_scorer(run.reward, run.reward_params), prompts,
             key, optimizer=optimizer, n=config.n, rounds=config.rounds,
             steps_per_round=config.steps_per_round, max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature, eos_id=run.tokenizer.eos_id,
+            temperature=config.temperature, eos_id=stop_tokens(run.tokenizer),
             pad_id=run.tokenizer.padding_id, callback=log_round)
         tokens_per_s = log.steady_rate(started)
     finally:

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxalign import sharding
 from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_params, save_hf
+from jaxalign.models.config import FAMILY_SWITCHES
 from jaxalign.cli.loop import RunError
 from jaxalign.distributed import is_main_process
 from jaxalign.tokenizer import Tokenizer
@@ -29,10 +31,16 @@ _MODEL_TYPES = {"causal_lm": CausalLM, "reward_model": RewardModel}
 
 
 def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
-    """A model config as plain JSON (dtypes by name), as stored in checkpoints and config.json."""
+    """A model config as plain JSON (dtypes by name), as stored in checkpoints and config.json;
+    the family switches at their defaults are left out (``FAMILY_SWITCHES``), so a preset's
+    dict, and the checkpoints of runs from before them, stay as they were."""
     values = dataclasses.asdict(config)
     for name in ("dtype", "param_dtype"):
         values[name] = jnp.dtype(values[name]).name
+    default = TransformerConfig()
+    for name in FAMILY_SWITCHES:
+        if values[name] == getattr(default, name):
+            del values[name]
     return values
 
 
@@ -55,18 +63,26 @@ def final_dir(path: str | os.PathLike) -> Path:
 
 
 
-def load_final(path: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
+def load_final(path: str | os.PathLike,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, params, info)`` of a finished run's ``final/`` (``path`` = DIR or DIR/final).
 
-    ``info`` is ``final/config.json``; the tokenizer is ``Tokenizer.from_file(DIR/final/tokenizer)``.
+    With a ``mesh`` each device reads only its shard of every parameter (laid out by the
+    model's logical axes); else the params land on the first local device. ``info`` is
+    ``final/config.json``; the tokenizer is ``Tokenizer.from_file(DIR/final/tokenizer)``.
     """
     final = final_dir(path)
     info = json.loads((final / "config.json").read_text(encoding="utf-8"))
     model = _MODEL_TYPES[info["model_type"]](config_from_dict(info["model_config"]))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    else:
+        shardings = sharding.param_shardings(model, shapes, mesh)
     abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-        jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        shapes, shardings)
     checkpointer = ocp.StandardCheckpointer()
     params = checkpointer.restore(final / "params", abstract)
     checkpointer.close()
@@ -98,9 +114,14 @@ def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokeniz
 
             params = multihost_utils.process_allgather(params, tiled=True)
         if is_main_process():
-            ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                   "pad_token_id": tokenizer.pad_id}
-            save_hf(model, params, hf_dir,
-                    extra_config={k: v for k, v in ids.items() if v is not None})
-            tokenizer.save(hf_dir)
+            stops = tokenizer.stop_ids  # every stop id, as the checkpoint's generation config
+            pad = tokenizer.pad_id
+            if pad is None and isinstance(model, RewardModel):  # HF's scorer needs one
+                pad = tokenizer.padding_id
+            ids = {"bos_token_id": tokenizer.bos_id, "pad_token_id": pad,
+                   "eos_token_id": stops[0] if len(stops) == 1 else (list(stops) or None)}
+            ids = {k: v for k, v in ids.items() if v is not None}
+            generation = {**ids, **(tokenizer.generation_config or {})}  # the checkpoint's wins
+            tokenizer.save(hf_dir)  # first: save_hf's generation_config.json is the merged one
+            save_hf(model, params, hf_dir, extra_config=ids, generation_config=generation)
     return final, hf_dir

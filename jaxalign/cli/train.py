@@ -31,17 +31,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import distributed, sharding
 from jaxalign import train as steps
 from jaxalign.batching import map_batches
 from jaxalign.cli.configs import PREFERENCE_COMMANDS as _PREFERENCE, TrainConfig
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
-from jaxalign.cli.options import flat_values
+from jaxalign.cli.options import ConfigError, flat_values
 from jaxalign.cli.run_dir import config_to_dict, final_dir, save_final
-from jaxalign.cli.sources import data_texts, find_tokenizer, load_tokenizer, model_source
-from jaxalign.data import DataConfig, DataLoader, Dataset, load_jsonl
+from jaxalign.cli.sources import (data_texts, find_tokenizer, fixed_params, load_tokenizer,
+                                  mesh_from_spec, model_source)
+from jaxalign.data import DataConfig, DataLoader, Dataset, ShardedLoader, load_jsonl, shard_lines
+from jaxalign.distributed import is_main_process
 from jaxalign.models import PRESETS, TransformerConfig
 from jaxalign.tokenizer import Tokenizer
 
@@ -79,30 +83,55 @@ def initial_model(kind: str, config: TrainConfig, tokenizer: Tokenizer,
     return model, make_params(key)
 
 
-def _config_model_source(kind: str, config: TrainConfig,
-                         tokenizer: Tokenizer) -> tuple[Any, Callable[[jax.Array], Any]]:
+def _config_model_source(kind: str, config: TrainConfig, tokenizer: Tokenizer,
+                         mesh: Any = None) -> tuple[Any, Callable[[jax.Array], Any]]:
     return model_source(kind, tokenizer, model=config.model, init_from=config.init_from,
-                        model_overrides=config.model_overrides)
+                        model_overrides=config.model_overrides, mesh=mesh,
+                        compute=config.compute)
+
+
+def _data_config(config: TrainConfig, model_config: TransformerConfig,
+                 mesh: Any) -> DataConfig:
+    try:  # on a mesh every shard pads to max_length: all processes agree on the batch shape
+        return DataConfig(max_length=config.max_length or model_config.max_len,
+                          max_prompt_length=config.max_prompt_length,
+                          pad_multiple=config.pad_multiple, on_bad_record=config.on_bad_record,
+                          pad_to_max=mesh is not None)
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
 def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
-               model_config: TransformerConfig) -> Dataset:
-    """The whole data file, tokenised (raises ``DataError`` on a bad record with 'error')."""
+               model_config: TransformerConfig, mesh: Any) -> tuple[dict[int, Dataset], Any]:
+    """``({shard: dataset}, loader)``: the whole data file, tokenised, as one shard; on a mesh
+    the shards of this process (each reads only its lines). Raises ``DataError`` on a bad
+    record with 'error'."""
+    expected = _DATA_KINDS[kind]
+    num_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if num_shards % jax.process_count():
+        raise RunError(f"the mesh's data x fsdp = {num_shards} batch shards do not split over"
+                       f" {jax.process_count()} processes")
+    per_process = num_shards // jax.process_count()
+    first = jax.process_index() * per_process
+    datasets = {}
+    for shard in range(first, first + per_process):
+        dataset = load_jsonl(config.data, tokenizer,
+                             kind=expected[0] if len(expected) == 1 else None,
+                             config=_data_config(config, model_config, mesh),
+                             lines=None if mesh is None else shard_lines(shard, num_shards))
+        if dataset.kind not in expected:
+            raise RunError(f"{kind} needs {' or '.join(expected)} records but {config.data}"
+                           f" holds {dataset.kind} records")
+        if is_main_process():
+            print(dataset.report.summary(), file=sys.stderr)
+        datasets[shard] = dataset
     try:
-        data_config = DataConfig(max_length=config.max_length or model_config.max_len,
-                                 max_prompt_length=config.max_prompt_length,
-                                 pad_multiple=config.pad_multiple,
-                                 on_bad_record=config.on_bad_record)
+        loader = (DataLoader(datasets[0], config.batch_size, seed=config.seed) if mesh is None
+                  else ShardedLoader(datasets, config.batch_size, num_shards=num_shards,
+                                     seed=config.seed))
     except ValueError as error:
         raise RunError(str(error)) from None
-    expected = _DATA_KINDS[kind]
-    dataset = load_jsonl(config.data, tokenizer, kind=expected[0] if len(expected) == 1 else None,
-                         config=data_config)
-    if dataset.kind not in expected:
-        raise RunError(f"{kind} needs {' or '.join(expected)} records but {config.data} holds"
-                       f" {dataset.kind} records")
-    print(dataset.report.summary(), file=sys.stderr)
-    return dataset
+    return datasets, loader
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,13 +149,14 @@ def _reference_logps(model: Any, params: Any, dataset: Dataset,
 
 
 @functools.lru_cache(maxsize=8)
-def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options: tuple) -> tuple:
-    """``(step, create_state, schedule)``, jitted, for a model and its hyperparameters (cached,
-    so a process running several jobs on one model, e.g. a demo or a resume, compiles once)."""
+def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options: tuple,
+                  mesh: Any) -> tuple:
+    """``(step, optimizer, loss_state, schedule)`` for a model and its hyperparameters
+    (cached, so a process running several jobs on one model, e.g. a demo or a resume, compiles
+    once)."""
     options = dict(optimizer_options)
     optimizer = steps.make_optimizer(**options)
-    schedule = steps.optimizer_schedule(**options)
-    step_options = dict(step_options)
+    step_options = {**dict(step_options), "mesh": mesh}
     loss_state = None
     if kind == "sft":
         step = steps.make_sft_step(model, optimizer, **step_options)
@@ -137,16 +167,19 @@ def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options:
         loss_state = steps.init_loss_state(step_options["config"])
     else:
         step = steps.make_preference_step(model, optimizer, **step_options)
-    create_state = jax.jit(functools.partial(steps.create_train_state, optimizer=optimizer,
-                                             loss_state=loss_state))
-    return step, create_state, jax.jit(schedule)
+    return step, optimizer, loss_state, jax.jit(steps.optimizer_schedule(**options))
 
 
 def _count_tokens(batch: dict[str, np.ndarray]) -> int:
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
 
 
-# ------------------------------------------------------------------------------ the run
+@jax.jit
+def _global_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+    """Real tokens of a (global, sharded) batch: a replicated scalar read at log time."""
+    return sum(jnp.sum(v) for k, v in batch.items() if k.endswith("attention_mask"))
+
+
 class _Job(NamedTuple):
     """What a training run reads and checks before it writes anything."""
 
@@ -156,69 +189,101 @@ class _Job(NamedTuple):
     new_tokenizer: bool  # trained here: saved in DIR/tokenizer
     model: Any
     make_params: Callable[[jax.Array], Any]
-    dataset: Dataset
-    loader: DataLoader
+    datasets: dict[int, Dataset]  # this process's data shards (one without a mesh)
+    loader: Any  # DataLoader, or ShardedLoader on a mesh
+    mesh: Any
 
 
 def _read_job(kind: str, config: TrainConfig) -> _Job:
-    """Checks the options and reads the tokenizer, model source and the whole data file."""
+    """Checks the options and reads the tokenizer, model source and the data (all of it, or on
+    a multi-process mesh this process's shards)."""
     if kind not in _DATA_KINDS:
         raise RunError(f"unknown kind {kind!r}; choose one of {', '.join(_DATA_KINDS)}")
     if config.data is None or config.out is None:
         raise RunError("--data and --out are required (as flags or in --config)")
     if not os.path.isfile(config.data):
         raise RunError(f"--data {config.data}: no such file")
-    if config.export_hf and kind == "rm":
-        raise RunError("--export-hf writes causal LMs (Llama layout); a reward model stays in"
-                       " DIR/final (load it with jaxalign.cli.run_dir.load_final)")
+    if os.environ.get("JAXALIGN_COORDINATOR") and not jax.distributed.is_initialized():
+        distributed.initialize()
+    mesh = mesh_from_spec(config.mesh)
+    if mesh is not None and config.precompute_ref and jax.process_count() > 1:
+        raise ConfigError("--precompute-ref with several processes is not supported yet: keep"
+                          " the reference in the state (the default) or run one process")
     out = Path(config.out).absolute()
     resuming = prepare_out(out, resume=config.resume)
     tokenizer, new_tokenizer = _load_tokenizer(config, out, resuming)
-    model, make_params = _config_model_source(kind, config, tokenizer)
-    dataset = _load_data(kind, config, tokenizer, model.config)
-    try:
-        loader = DataLoader(dataset, config.batch_size, seed=config.seed)
-    except ValueError as error:
-        raise RunError(str(error)) from None
-    return _Job(out, resuming, tokenizer, new_tokenizer, model, make_params, dataset, loader)
+    model, make_params = _config_model_source(kind, config, tokenizer, mesh)
+    datasets, loader = _load_data(kind, config, tokenizer, model.config, mesh)
+    return _Job(out, resuming, tokenizer, new_tokenizer, model, make_params, datasets, loader,
+                mesh)
+
+
+def _initial_state(kind: str, config: TrainConfig, job: _Job, optimizer: Any,
+                   loss_state: Any) -> tuple[Any, Any]:
+    """``(state, reference)``: the placed initial train state (created sharded on a mesh) and
+    the precomputed reference log-probs per data shard (``None`` unless --precompute-ref)."""
+    model, mesh = job.model, job.mesh
+    init_key, state_key = jax.random.split(jax.random.key(config.seed))
+    needs_reference = kind in _PREFERENCE and config.preference_config(kind).needs_reference
+    precompute = needs_reference and config.precompute_ref and kind != "kto"
+    make_params, reference = job.make_params, None
+    if precompute:  # the reference log-probs first, from the initial params
+        if mesh is None:
+            params = make_params(init_key)
+        else:
+            shapes = jax.eval_shape(make_params, init_key)
+            params = jax.jit(make_params, out_shardings=sharding.param_shardings(
+                model, shapes, mesh))(init_key)
+        size = config.batch_size // len(job.datasets) if mesh is not None else config.batch_size
+        reference = {k: _reference_logps(model, params, d, max(size, 1))
+                     for k, d in job.datasets.items()}
+        make_params = fixed_params(params)
+    with_reference = needs_reference and not precompute
+    if mesh is not None:
+        state = steps.create_sharded_train_state(
+            make_params, optimizer, state_key, mesh=mesh, model=model, params_key=init_key,
+            with_reference=with_reference, loss_state=loss_state)
+        return state, reference
+    params = make_params(init_key)
+    create_state = _create_state_fn(optimizer, loss_state)
+    state = create_state(params, key=state_key, ref_params=params if with_reference else None)
+    # One placement for every leaf (restored ones are committed to a device too): a state whose
+    # leaves differ in placement from the step's outputs would compile the step a second time.
+    return jax.device_put(state, jax.local_devices()[0]), reference
+
+
+@functools.lru_cache(maxsize=8)
+def _create_state_fn(optimizer: Any, loss_state: Any) -> Any:
+    # create_train_state copies the reference params: the step donates params
+    return jax.jit(functools.partial(steps.create_train_state, optimizer=optimizer,
+                                     loss_state=loss_state))
 
 
 def train(kind: str, config: TrainConfig) -> dict[str, Any]:
     """Runs one ``jaxalign KIND`` training job; returns the summary (also in summary.json)."""
     began = time.perf_counter()
     job = _read_job(kind, config)  # everything read and checked before anything is written
-    out, model, dataset = job.out, job.model, job.dataset
+    out, model, mesh = job.out, job.model, job.mesh
     model_config = config_to_dict(model.config)
     if job.resuming:  # before compiling anything
         check_checkpoints(out / "checkpoints", kind, model_config)
-    init_key, state_key = jax.random.split(jax.random.key(config.seed))
-    params = job.make_params(init_key)
     out.mkdir(parents=True, exist_ok=True)
-    if job.new_tokenizer:
+    if job.new_tokenizer and is_main_process():
         job.tokenizer.save(out / "tokenizer")
-    step_fn, create_state, schedule = _training_fns(
+    step_fn, optimizer, loss_state, schedule = _training_fns(
         kind, model, tuple(config.optimizer_options().items()),
-        tuple(config.step_options(kind).items()))
-    reference, ref_params = None, None
-    needs_reference = kind in _PREFERENCE and config.preference_config(kind).needs_reference
-    if needs_reference and config.precompute_ref and kind != "kto":
-        reference = _reference_logps(model, params, dataset, config.batch_size)
-    elif needs_reference:
-        ref_params = params  # create_train_state copies it: the step donates params
-    state = create_state(params, key=state_key, ref_params=ref_params)
-    # One placement for every leaf (restored ones are committed to a device too): a state whose
-    # leaves differ in placement from the step's outputs would compile the step a second time.
-    state = jax.device_put(state, jax.local_devices()[0])
-    del params
+        tuple(config.step_options(kind).items()), mesh)
+    state, reference = _initial_state(kind, config, job, optimizer, loss_state)
 
-    def train_step(state: Any, step: int) -> tuple[Any, dict, int]:
-        indices = job.loader.indices_at(step - 1)
-        batch = dataset.collate(indices)
-        if reference is not None:
-            batch["ref_chosen_logps"] = reference[0][indices]
-            batch["ref_rejected_logps"] = reference[1][indices]
+    def train_step(state: Any, step: int) -> tuple[Any, dict, Any]:
+        batch = _batch_at(job, reference, step - 1)
+        if mesh is None:
+            tokens = _count_tokens(batch)
+        else:
+            batch = sharding.shard_batch(batch, mesh)
+            tokens = _global_tokens(batch)
         state, metrics = step_fn(state, batch)
-        return state, metrics, _count_tokens(batch)
+        return state, metrics, tokens
 
     def learning_rate(step: int) -> dict[str, float]:
         return {"lr": float(schedule((step - 1) // config.grad_accum_steps))}
@@ -236,7 +301,24 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
                         hf_dir=hf_dir, final_loss=result.final_metrics.get("loss"))
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     where = final or f"{out / 'checkpoints'} (resume with --resume)"
-    print(f"jaxalign {kind}: {result.step - start} steps (to step {result.step}/{config.steps}),"
-          f" final loss {loss}, {result.wall_time_s:.1f} s, {result.tokens_per_s:.0f} tokens/s"
-          f" -> {where}")
+    if is_main_process():
+        print(f"jaxalign {kind}: {result.step - start} steps (to step {result.step}/"
+              f"{config.steps}), final loss {loss}, {result.wall_time_s:.1f} s,"
+              f" {result.tokens_per_s:.0f} tokens/s -> {where}")
     return summary
+
+
+def _batch_at(job: _Job, reference: Any, index: int) -> dict[str, np.ndarray]:
+    """This process's rows of batch ``index`` (0-based), with their reference log-probs."""
+    if isinstance(job.loader, DataLoader):
+        indices = {0: job.loader.indices_at(index)}
+    else:
+        indices = {k: loader.indices_at(index) for k, loader in job.loader.shards.items()}
+    parts = []
+    for shard, rows in indices.items():
+        part = job.datasets[shard].collate(rows)
+        if reference is not None:
+            part["ref_chosen_logps"] = reference[shard][0][rows]
+            part["ref_rejected_logps"] = reference[shard][1][rows]
+        parts.append(part)
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}

@@ -15,7 +15,9 @@ they share).
 """
 
 from jaxalign.train.optim import (
+    MasterWeightsState,
     OptimizerConfig,
+    float32_master_weights,
     learning_rate_schedule,
     make_optimizer,
     nonfinite_count,
@@ -55,14 +57,17 @@ from jaxalign.train.state import (
     TrainState,
     apply_gradients,
     compile_step,
+    create_sharded_train_state,
     create_train_state,
     make_loss_step,
+    train_state_shardings,
 )
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "CompiledStep",
     "GRPOConfig",
+    "MasterWeightsState",
     "OptimizerConfig",
     "PREFERENCE_LOSSES",
     "PairLogps",
@@ -75,7 +80,9 @@ __all__ = [
     "compile_step",
     "completion_logps",
     "completion_scorer",
+    "create_sharded_train_state",
     "create_train_state",
+    "float32_master_weights",
     "init_loss_state",
     "init_rlhf_state",
     "kl_controller",
@@ -99,5 +106,6 @@ __all__ = [
     "rlhf_state_models",
     "shard_rlhf_state",
     "sft_loss",
+    "train_state_shardings",
     "unpaired_loss",
 ]

@@ -305,6 +305,7 @@ def make_preference_step(
     *,
     axis_name: str | None = None,
     jit: bool = True,
+    mesh: Any = None,
     **settings: Any,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` for the preference losses, compiled once.
@@ -329,4 +330,5 @@ def make_preference_step(
         return preference_loss(model, params, batch, state.ref_params, config)
 
     return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit,
-                          prepare=add_reference_logps, after_update=_sync_reference(config))
+                          prepare=add_reference_logps, after_update=_sync_reference(config),
+                          mesh=mesh, model=model)

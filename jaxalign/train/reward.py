@@ -74,6 +74,7 @@ def make_reward_step(
     center_coef: float = 0.0,
     axis_name: str | None = None,
     jit: bool = True,
+    mesh: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` training a reward model (pairs or rankings)."""
 
@@ -81,4 +82,5 @@ def make_reward_step(
         del state
         return reward_loss(model, params, batch, center_coef=center_coef)
 
-    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit)
+    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, mesh=mesh,
+                          model=model)

@@ -46,7 +46,7 @@ from jaxalign.logprobs import gather_logprobs
 from jaxalign.losses import entropy, kl_penalty
 from jaxalign.masking import masked_mean
 from jaxalign.models import value_params_from_reward_model
-from jaxalign.sampling import make_generate
+from jaxalign.sampling import is_stop_token, make_generate
 from jaxalign.train import rlhf_advantages as stages
 from jaxalign.train.rlhf_config import GRPOConfig, RLHFConfig
 from jaxalign.train.rlhf_metrics import rlhf_metrics
@@ -179,7 +179,7 @@ def _has_eos(config: RLHFConfig, completion: jax.Array, mask: jax.Array) -> jax.
     """``[B]`` bool: the completion ended with a stop token (all true without one)."""
     if config.eos_id is None:
         return jnp.ones((completion.shape[0],), bool)
-    return jnp.any((completion == config.eos_id) & (mask > 0), axis=1)
+    return jnp.any(is_stop_token(completion, config.eos_id) & (mask > 0), axis=1)
 
 
 def _score(forwards: _Forwards, config: RLHFConfig, state: RLHFState, rollout: dict,

@@ -45,7 +45,9 @@ class RLHFConfig:
     temperature: float = setting(1.0, "sampling temperature (0: greedy)")
     top_k: int = setting(0, "sample from the k likeliest tokens (0: all)")
     top_p: float = setting(1.0, "nucleus sampling mass")
-    eos_id: int | None = setting(None, "token id that ends a completion (none: never ends)")
+    eos_id: int | tuple[int, ...] | None = setting(
+        None, "token id(s) that end a completion, e.g. a chat model's end-of-turn and"
+        " end-of-text ids as a tuple (none: never ends)")
     pad_id: int = setting(0, "token id written after a completion ends")
     kl_coef: float = setting(0.05, "KL penalty coefficient beta (the initial one if adaptive)")
     kl_target: float | None = setting(None, "adapt beta towards this sequence KL (Ziegler et"

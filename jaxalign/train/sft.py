@@ -49,6 +49,7 @@ def make_sft_step(
     include_prompt: bool = False,
     axis_name: str | None = None,
     jit: bool = True,
+    mesh: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` for SFT, compiled once with the state donated.
 
@@ -59,4 +60,5 @@ def make_sft_step(
         del state
         return sft_loss(model, params, batch, include_prompt=include_prompt)
 
-    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit)
+    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, mesh=mesh,
+                          model=model)

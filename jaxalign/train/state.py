@@ -123,14 +123,23 @@ class CompiledStep:
             raise ValueError(f"a step argument is 'batch' or 'replicated', got {kind!r}")
         return (shd.batch_sharding if kind == "batch" else shd.replicated)(self._mesh)
 
-    def __call__(self, state: Any, *args: Any) -> Any:
+    def _jit(self, state: Any) -> Any:
         if self.jitted is None:
             state_sh = self._state_shardings(state)
             in_sh = (state_sh, *map(self._sharding, self._args))
             in_sh += (shd.replicated(self._mesh),) * len(self.bound)
             self.jitted = jax.jit(self._fn, donate_argnums=(0,), in_shardings=in_sh,
                                   out_shardings=(state_sh, *map(self._sharding, self._outputs)))
-        return self.jitted(state, *args, *self.bound)
+        return self.jitted
+
+    def __call__(self, state: Any, *args: Any) -> Any:
+        return self._jit(state)(state, *args, *self.bound)
+
+    def lower(self, state: Any, *args: Any) -> Any:
+        """``jitted.lower(state, *args, *bound)``, without running the step: ``state`` and
+        ``args`` may be trees of ``jax.ShapeDtypeStruct`` (no array allocated), so the program
+        a call would run can be compiled and its memory and FLOPs read (``jaxalign plan``)."""
+        return self._jit(state).lower(state, *args, *self.bound)
 
 
 def compile_step(fn: Callable[..., Any], **options: Any) -> CompiledStep:
@@ -147,6 +156,8 @@ def make_loss_step(
     jit: bool = True,
     prepare: Callable[[TrainState, dict], tuple[TrainState, dict]] | None = None,
     after_update: Callable[[TrainState], TrainState] | None = None,
+    mesh: Mesh | None = None,
+    model: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The step every factory builds: differentiate ``loss_fn(params, state, batch) ->
     (loss, metrics)``, apply the optimiser, and return ``(state, {"loss", **metrics,
@@ -157,7 +168,9 @@ def make_loss_step(
 
     Jitted with the state donated, unless ``axis_name`` is given (gradients and metrics are then
     ``pmean``-ed over it and the caller wraps the step in ``pmap``/``shard_map``) or ``jit`` is
-    false.
+    false. With a ``mesh`` it is compiled with in/out shardings: ``params`` and ``ref_params``
+    laid out by ``model``'s logical axes, the optimiser state like the params (see
+    :func:`train_state_shardings`), batches split over ``data × fsdp``.
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -174,4 +187,50 @@ def make_loss_step(
 
     if axis_name is not None or not jit:
         return step
-    return compile_step(step)
+    if mesh is None:
+        return compile_step(step)
+    return compile_step(step, mesh=mesh,
+                        state_shardings=lambda state: train_state_shardings(state, mesh, model))
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh, model: Any) -> TrainState:
+    """NamedShardings of a :class:`TrainState`: ``params`` and ``ref_params`` by ``model``'s
+    logical axes, ``opt_state`` like ``params``, the rest replicated."""
+    return shd.state_shardings(state, mesh, {"params": model, "ref_params": model})
+
+
+def create_sharded_train_state(
+    make_params: Callable[[jax.Array], Any],
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    mesh: Mesh,
+    model: Any,
+    params_key: jax.Array,
+    with_reference: bool = False,
+    loss_state: Any = None,
+) -> TrainState:
+    """A fresh :class:`TrainState` created directly on ``mesh``: ``make_params(params_key)``,
+    the reference copy and the optimiser state are computed under one ``jax.jit`` whose
+    ``out_shardings`` are :func:`train_state_shardings`, so no device ever holds more than its
+    shard (a preset's random init never exists unsharded).
+
+    ``make_params`` is traced; a :class:`jax.tree_util.Partial` carrying arrays (a loaded
+    checkpoint, already placed sharded) passes them as inputs, not compiled-in constants.
+    """
+    if not isinstance(make_params, jax.tree_util.Partial):
+        make_params = jax.tree_util.Partial(make_params)
+
+    def init(make_params, params_key, key):
+        params = make_params(params_key)
+        return create_train_state(params, optimizer, key,
+                                  ref_params=params if with_reference else None,
+                                  loss_state=loss_state)
+
+    shardings = train_state_shardings(jax.eval_shape(init, make_params, params_key, key), mesh,
+                                      model)
+    if jax.process_count() > 1:  # keys must be global arrays: their data, replicated
+        params_key, key = (jax.random.wrap_key_data(jax.device_put(
+            jax.device_get(jax.random.key_data(k)), shd.replicated(mesh)))
+            for k in (params_key, key))
+    return jax.jit(init, out_shardings=shardings)(make_params, params_key, key)

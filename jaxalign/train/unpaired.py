@@ -80,6 +80,7 @@ def make_unpaired_step(
     *,
     axis_name: str | None = None,
     jit: bool = True,
+    mesh: Any = None,
     **settings: Any,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` for KTO (``loss="kto"``) or BCO
@@ -109,4 +110,5 @@ def make_unpaired_step(
     def loss_fn(params, state, batch):
         return unpaired_loss(model, params, batch, config, state.loss_state)
 
-    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, prepare=prepare)
+    return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, prepare=prepare,
+                          mesh=mesh, model=model)
