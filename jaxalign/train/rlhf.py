@@ -27,6 +27,19 @@ is their concatenation, positions come from its attention mask. Quantities over 
 tokens are ``[B, N]`` with ``completion_mask``; logits at sequence positions ``P−1 … P+N−2``
 predict the ``N`` completion tokens, and the value of completion token ``t`` is read at the
 position that predicts it (TRL's convention).
+
+Rewards: a ``RewardModel`` (its params in the state, sharded like the others); a pure
+``reward_fn(completion_ids [B, N], completion_mask [B, N]) -> [B]``; a pure ``scorer(prompt_ids
+[B, P], prompt_mask [B, P], completion_ids, completion_mask) -> [B]`` when the reward depends on
+the prompt (the protocol of :func:`jaxalign.train.best_of_n.best_of_n`'s scorers; prompts are
+left-padded, each repeated ``samples_per_prompt`` times) — a ``jax.tree_util.Partial`` scorer
+(e.g. :func:`jaxalign.train.scorers.reward_model_scorer`) is passed to the compiled step as an
+argument, its arrays replicated on the mesh, while arrays any other callable closes over are
+compiled in as constants; or ``reward_fns``, Python functions on text with TRL's signature
+``f(prompts, completions, **columns) -> list[float | None]`` (e.g.
+:func:`jaxalign.rewards.math_answer`), run on the host through one ``jax.pure_callback`` per
+step (per device shard on a mesh; see :mod:`jaxalign.train.text_rewards`): the score is
+``Σ_f w_f r_f`` over the functions that returned a value, each function's mean and std logged.
 """
 
 from __future__ import annotations
@@ -252,39 +265,19 @@ def make_rlhf_step(
     """Builds the one-jit RLHF iteration (see the module docstring).
 
     Args:
-      policy: a ``CausalLM`` (or ``CausalLMWithValueHead`` with ``config.shared_value_head``).
-      value: a ``ValueModel``, or ``None`` (shared head or critic-free estimator).
-      reward: a ``RewardModel``, or ``None`` when ``reward_fn``, ``scorer`` or ``reward_fns``
-        is given.
+      policy / value: a ``CausalLM`` (``CausalLMWithValueHead`` with a shared value head) and
+        a ``ValueModel`` (``None`` with a shared head or a critic-free estimator).
+      reward / reward_fn / scorer / reward_fns: exactly one reward source (see "Rewards" in
+        the module docstring); ``reward_weights`` weigh ``reward_fns`` (default 1 each),
+        ``tokenizer`` decodes for them, ``reward_columns`` ``{name: [value per dataset row]}``
+        are passed to them as keyword arguments (prompts then carry ``"index" [B]``).
       config: :class:`RLHFConfig` (:class:`GRPOConfig` has GRPO's defaults).
       policy_optimizer / value_optimizer: optax transformations (e.g. ``make_optimizer``).
-      reward_fn: optional pure ``(completion_ids [B, N], completion_mask [B, N]) -> [B]``
-        scoring function used instead of the reward model (rule-based, verifiable rewards).
-      scorer: optional pure ``(prompt_ids [B, P], prompt_mask [B, P], completion_ids [B, N],
-        completion_mask [B, N]) -> [B]`` used instead of the reward model when the reward
-        depends on the prompt (the protocol of :func:`jaxalign.train.best_of_n.best_of_n`'s
-        scorers; prompts are left-padded, each repeated ``samples_per_prompt`` times). A
-        ``jax.tree_util.Partial`` scorer (e.g. :func:`jaxalign.train.scorers.
-        reward_model_scorer`) is passed to the compiled step as an argument, its arrays
-        replicated on the mesh; arrays any other callable closes over are compiled in as
-        constants. A learned reward model that only reads ``prompt + completion`` is better
-        passed as ``reward`` (its params then live in the state, sharded like the others).
-      reward_fns: optional Python reward functions on text, TRL's ``f(prompts, completions,
-        **columns) -> list[float | None]`` (e.g. :func:`jaxalign.rewards.math_answer`), run on
-        the host through one ``jax.pure_callback`` per step (per device shard on a mesh; see
-        :mod:`jaxalign.train.text_rewards`). The score is ``Σ_f w_f r_f`` over the functions
-        that returned a value; each function's mean and std are logged.
-      reward_weights: ``w_f`` per function (default 1 each).
-      tokenizer: decodes prompts and completions for ``reward_fns`` (``decode_batch``).
-      reward_columns: ``{name: [value per dataset row]}`` passed to ``reward_fns`` as keyword
-        arguments (e.g. ``{"answer": [...]}``); the prompt batch then carries ``"index" [B]``,
-        each prompt's row.
-      mesh: optional device mesh; the state is laid out by :func:`jaxalign.sharding.
-        state_shardings` and prompts split over ``("data", "fsdp")``.
-      return_rollouts: also return the samples, ``{"prompt_ids", "prompt_mask",
-        "completion_ids", "completion_mask", "scores"}`` (``[B·k, …]``; ``scores`` before
-        clipping and the missing-EOS penalty; with dynamic sampling the kept groups), to log
-        or rescore them without resampling.
+      mesh: optional device mesh (state by :func:`jaxalign.sharding.state_shardings`, prompts
+        split over ``("data", "fsdp")``).
+      return_rollouts: also return the samples ``{"prompt_ids", "prompt_mask",
+        "completion_ids", "completion_mask", "scores"}`` (``[B·k, …]``, raw scores; with
+        dynamic sampling the kept groups), to log or rescore them without resampling.
 
     Returns:
       A :class:`jaxalign.train.CompiledStep`: ``step(state, prompts, key) -> (state, metrics)``
@@ -318,12 +311,9 @@ def make_rlhf_step(
         scored = _score(forwards, config, state, rollout, rewards)
         advantages, returns = stages.estimate_advantages(config, scored, rollout["mask"],
                                                          state.kl.coef)
-        batch = {**{k: rollout[k] for k in ("ids", "attn", "completion", "mask")},
-                 "old_logps": scored["old_logps"], "ref_logps": scored["ref_logps"],
-                 "old_values": scored["old_values"], "advantages": advantages,
-                 "returns": returns, "prompt_len": rollout["prompt_ids"].shape[1]}
         carry, updates = ppo_epochs(forwards, config, (policy_optimizer, value_optimizer), mesh,
-                                     state, batch, shuffle_key)
+                                    state, _update_batch(rollout, scored, advantages, returns),
+                                    shuffle_key)
         metrics = rlhf_metrics(config, scored, updates, rollout["mask"], advantages, returns,
                                state.kl.coef, sampled_rewards=sampled_rewards,
                                sampled_has_eos=_has_eos(config, sampled["completion"],
@@ -337,16 +327,29 @@ def make_rlhf_step(
             kl=controller.update(state.kl, metrics["kl"], rollout["ids"].shape[0]))
         if not return_rollouts:
             return new_state, metrics
-        return new_state, metrics, {
-            "prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
-            "completion_ids": rollout["completion"], "completion_mask": rollout["mask"],
-            "scores": scored["raw_scores"]}
+        return new_state, metrics, _rollouts_out(rollout, scored)
 
     models = rlhf_state_models(policy=policy, value=value, reward=reward)
     return compile_step(
         step, mesh=mesh, state_shardings=lambda state: shd.state_shardings(state, mesh, models),
         args=("batch", "replicated"),
         outputs=("replicated",) + (("batch",) if return_rollouts else ()), bound=(scorer,))
+
+
+def _update_batch(rollout: dict, scored: dict, advantages: jax.Array,
+                  returns: jax.Array) -> dict[str, Any]:
+    """What the PPO epochs train on: the sequences, their rollout-time quantities and targets."""
+    return {**{k: rollout[k] for k in ("ids", "attn", "completion", "mask")},
+            "old_logps": scored["old_logps"], "ref_logps": scored["ref_logps"],
+            "old_values": scored["old_values"], "advantages": advantages, "returns": returns,
+            "prompt_len": rollout["prompt_ids"].shape[1]}
+
+
+def _rollouts_out(rollout: dict, scored: dict) -> dict[str, jax.Array]:
+    """The samples ``return_rollouts`` gives back (scores before clipping and penalties)."""
+    return {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+            "completion_ids": rollout["completion"], "completion_mask": rollout["mask"],
+            "scores": scored["raw_scores"]}
 
 
 def rlhf_state_models(*, policy: Any, value: Any = None, reward: Any = None) -> dict[str, Any]:
