@@ -128,10 +128,16 @@ def test_group_advantages_match_float64_references(k, groups, estimator, data):
     scores = data.draw(jt.rewards((k * groups,)))
     got = np.asarray(ja.group_advantages(scores, k, estimator))
     expected = np_group_advantages(scores, k, estimator)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * (1 + np.abs(expected).max()))
-    # dr_grpo and rloo sum to exactly zero per group; grpo up to its eps
-    sums = got.reshape(groups, k).sum(1)
-    scale = 1 + np.abs(scores).max() * (1e4 if estimator == "grpo" else 1.0)
+    # GRPO divides by σ_g: where σ_g is at float32 rounding level the quotient is not a float32
+    # quantity; compare the groups whose spread float32 resolves, check the others are finite
+    spread = np.float64(scores).reshape(groups, k).std(1, ddof=1)
+    resolved = np.repeat(spread > 1e-3 if estimator == "grpo" else spread >= 0, k)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[resolved], expected[resolved], rtol=1e-4,
+                               atol=1e-3 * (1 + np.abs(expected).max()))
+    # every group's advantages sum to zero (GRPO's are O(1) after the division)
+    sums = got.reshape(groups, k).sum(1)[resolved[::k]]
+    scale = 1.0 if estimator == "grpo" else 1 + np.abs(scores).max()
     np.testing.assert_allclose(sums, 0.0, atol=1e-5 * scale * k)
 
 
