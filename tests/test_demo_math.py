@@ -65,8 +65,8 @@ def test_quick_math_demo_writes_the_report_and_reuses_its_cache(tmp_path):
     assert report["quick"] is True and report["enforced"] is False
     for name in ("sft", "grpo", "dr_grpo", "rloo"):
         entry = report["heldout"][name]
-        low, high = entry["accuracy_ci"]
-        assert 0.0 <= low <= entry["accuracy"] <= high <= 1.0
+        for low, high in (entry["accuracy_ci"], entry["accuracy_ci_pairs"]):
+            assert 0.0 <= low <= entry["accuracy"] <= high <= 1.0
         assert 0.0 <= entry["sampled_accuracy"] <= 1.0 and entry["n"] == 64
     for name in ("grpo", "dr_grpo", "rloo"):
         curve = report["rl"][name]["curve"]
@@ -80,9 +80,21 @@ def test_quick_math_demo_writes_the_report_and_reuses_its_cache(tmp_path):
     assert "## Held-out exact-match accuracy" in markdown and "| dr_grpo |" in markdown
     assert "before (SFT) and after (GRPO)" in markdown
     assert (tmp_path / "accuracy_curve.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "data" / "heldout.jsonl").read_text().splitlines()[0]).keys() \
+    assert json.loads((tmp_path / "data" / "rl_prompts.jsonl").read_text().splitlines()[0]).keys() \
         == {"prompt", "answer"}  # what `jaxalign grpo --answer-column answer` reads
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert second.returncode == 0
     assert "8 stage(s) reused" in second.stdout, second.stdout[-2000:]
+
+
+def test_pair_bootstrap_is_wider_than_the_prompt_bootstrap_when_wordings_agree():
+    from jaxalign.demo.math_rl import pair_bootstrap_ci
+    from jaxalign.evaluate import bootstrap_ci
+
+    pairs = [(i, 0) for i in range(40) for _ in range(5)]  # 40 pairs x 5 wordings
+    correct = np.asarray([float(a % 2) for a, _ in pairs])  # a pair is right in every wording
+    low, high = pair_bootstrap_ci(correct, pairs, seed=0)
+    p_low, p_high = bootstrap_ci(correct, seed=0)
+    assert low < 0.5 < high and high - low > 1.5 * (p_high - p_low)
+    assert pair_bootstrap_ci(np.ones(200), pairs, seed=0) == (1.0, 1.0)

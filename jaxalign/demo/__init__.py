@@ -26,6 +26,11 @@ Outputs in ``OUT``: ``report.json`` (schema in :mod:`jaxalign.evaluate`), ``repo
 ``reward_curve.png`` and ``frontier.png``. The run checks the targets (reward-model accuracy,
 win rates and their intervals — RLAIF-DPO's included — PPO's improvement), prints them with a results table and the
 total wall time, and exits with status 1 if one fails (not enforced with ``--quick``).
+
+``python -m jaxalign.demo --task math [--quick] [--out runs/demo_math]`` (``make demo-math``) is
+the second demo: GRPO, Dr. GRPO and RLOO with a verifiable reward alone
+(:func:`jaxalign.rewards.math_answer` through the one-jit step's ``pure_callback``) on small
+addition problems, judged by held-out exact-match accuracy (:mod:`jaxalign.demo.math_rl`).
 """
 
 from jaxalign.demo.config import FULL, QUICK, DemoConfig

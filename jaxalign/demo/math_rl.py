@@ -138,7 +138,7 @@ def stage_data(run: _Run, out: Path) -> dict[str, Any]:
     write_jsonl(out / "pairs.jsonl", [{"split": name, "a": a, "b": b}
                                       for name, pairs in splits.items() for a, b in pairs])
     write_jsonl(out / "rl_prompts.jsonl", [p.record() for p in rl])
-    write_jsonl(out / "heldout.jsonl", [p.record() for p in heldout])
+    write_jsonl(out / "heldout.jsonl", [p.record() | {"a": p.a, "b": p.b} for p in heldout])
     return {name: len(pairs) for name, pairs in splits.items()} | {
         "sft_examples": len(sft), "sft_worked_examples": int(worked.sum()),
         "rl_prompts": len(rl), "heldout_prompts": len(heldout)}
@@ -310,14 +310,31 @@ def stage_rl(run: _Run, out: Path, *, estimator: str) -> dict[str, Any]:
                 "ppo_epochs", "num_minibatches", "clip_eps")} | {"lr": cfg.rl_lr}}
 
 
+def pair_bootstrap_ci(correct: np.ndarray, pairs: list[tuple[int, int]], *, seed: int,
+                      n_resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the accuracy resampling whole pairs (a cluster
+    bootstrap: the wordings of one pair are not independent prompts)."""
+    keys = sorted(set(pairs))
+    index = {key: i for i, key in enumerate(keys)}
+    group = np.asarray([index[p] for p in pairs])
+    hits = np.bincount(group, weights=correct, minlength=len(keys))
+    counts = np.bincount(group, minlength=len(keys))
+    draws = np.random.default_rng(seed).integers(0, len(keys), (n_resamples, len(keys)))
+    accuracy = hits[draws].sum(1) / counts[draws].sum(1)
+    low, high = np.quantile(accuracy, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def _evaluation(run: _Run, params: Any, heldout: list[dict], batch: dict) -> dict[str, Any]:
     cfg = run.config
     greedy, texts = _accuracy(run, params, heldout, batch, jax.random.key(cfg.seed + 70), 0.0)
     sampled, _ = _accuracy(run, params, heldout, batch, jax.random.key(cfg.seed + 71), 1.0)
     low, high = bootstrap_ci(greedy, seed=cfg.seed)
+    pair_ci = pair_bootstrap_ci(greedy, [(r["a"], r["b"]) for r in heldout], seed=cfg.seed)
     return {"accuracy": float(greedy.mean()), "accuracy_ci": [low, high],
-            "sampled_accuracy": float(sampled.mean()), "n": int(greedy.size),
-            "correct": greedy.astype(int).tolist(), "completions": texts[:8]}
+            "accuracy_ci_pairs": list(pair_ci), "sampled_accuracy": float(sampled.mean()),
+            "n": int(greedy.size), "correct": greedy.astype(int).tolist(),
+            "completions": texts[:8]}
 
 
 def stage_eval(run: _Run, out: Path) -> dict[str, Any]:
@@ -342,9 +359,11 @@ def run_math_demo(config: MathConfig, out: str | Path, *, start_time: float | No
     load_start = os.getloadavg()[0]
     cache = StageCache(out, log=log)
     run, cfg = _Run(config, cache), config
-    results = {"load_start": load_start, "data": cache.run("data", {k: getattr(cfg, k) for k in (
-        "seed", "max_operand", "heldout_fraction", "sft_pairs", "sft_examples_per_pair",
-        "sft_worked_share", "rl_iterations", "rl_prompts", "eval_prompts")}, (), lambda d: stage_data(run, d))}
+    data_keys = ("seed", "max_operand", "heldout_fraction", "sft_pairs", "sft_examples_per_pair",
+                 "sft_worked_share", "rl_iterations", "rl_prompts", "eval_prompts")
+    results = {"load_start": load_start, "data": cache.run(
+        "data", {"records": 2} | {k: getattr(cfg, k) for k in data_keys}, (),
+        lambda d: stage_data(run, d))}
     results["tokenizer"] = cache.run("tokenizer", {"vocab_size": cfg.vocab_size}, ("data",),
                                      lambda d: stage_tokenizer(run, d))
     make_model(run)

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxalign import sharding as shd
 from jaxalign.rewards import reward_name
 
-__all__ = ["TextRewards", "text_rewards"]
+__all__ = ["TextRewards", "sharded_score", "text_rewards"]
 
 
 def _unique_names(fns: Sequence[Callable]) -> tuple[str, ...]:
