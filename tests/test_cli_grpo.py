@@ -93,6 +93,19 @@ def test_grpo_resume_gives_the_uninterrupted_metrics(grpo_run, runs, prompts, re
     assert _metrics(out) == _metrics(grpo_run.out)
 
 
+def test_grpo_on_a_data_parallel_mesh_matches_one_device(grpo_run, runs, prompts,
+                                                          reward_module, tmp_path):
+    """On --mesh data=2 the reward callback runs per device shard (shard_map); the iterations
+    are those of the one-device run."""
+    out = tmp_path / "mesh"
+    assert cli.main(_grpo_flags(runs, prompts, out, reward_module, "--mesh", "data=2",
+                                "--stop-at", "2")) == 0
+    for mine, theirs in zip(_metrics(out), _metrics(grpo_run.out)[:2], strict=True):
+        for name in ("score/mean", "rewards/says_answer/mean", "frac_reward_zero_std",
+                     "completions/mean_length", "entropy"):
+            assert mine[name] == pytest.approx(theirs[name], rel=2e-3, abs=1e-4), name
+
+
 def test_ppo_takes_reward_functions_too(runs, prompts, reward_module, tmp_path):
     """GAE with a value model started from the policy's trunk (there is no reward model)."""
     out = tmp_path / "ppo_fn"
