@@ -87,7 +87,28 @@ class _DropReraisedOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and self._ORBAX in record.pathname)
 
 
+class _DropUnretrievedOrbaxWrites(logging.Filter):
+    """When one write of a background save fails, asyncio may also log the gathering future of
+    the failed writes as ``exception was never retrieved`` (timing-dependent). That failure is
+    the one :class:`~jaxalign.checkpoint.Checkpointer` reports: drop the record when its
+    exception came from orbax; everything else asyncio logs passes."""
+
+    _ORBAX = os.sep + "orbax" + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        tb = getattr(error, "__traceback__", None)
+        while tb is not None:
+            if self._ORBAX in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
 _FILTER = _DropReraisedOrbaxErrors()
+_ASYNCIO_FILTER = _DropUnretrievedOrbaxWrites()
 _previous_unraisable_hook = sys.unraisablehook
 
 
@@ -109,6 +130,9 @@ def quiet_orbax_save_errors() -> None:
     logger = logging.getLogger("absl")
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
+    asyncio_logger = logging.getLogger("asyncio")
+    if _ASYNCIO_FILTER not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_ASYNCIO_FILTER)
     if sys.unraisablehook is not _drop_closed_loop_callbacks:
         _previous_unraisable_hook = sys.unraisablehook
         sys.unraisablehook = _drop_closed_loop_callbacks
