@@ -89,7 +89,7 @@ def test_quick_math_demo_writes_the_report_and_reuses_its_cache(tmp_path):
 
 
 def test_pair_bootstrap_is_wider_than_the_prompt_bootstrap_when_wordings_agree():
-    from jaxalign.demo.math_rl import pair_bootstrap_ci
+    from jaxalign.demo.math_report import pair_bootstrap_ci
     from jaxalign.evaluate import bootstrap_ci
 
     pairs = [(i, 0) for i in range(40) for _ in range(5)]  # 40 pairs x 5 wordings

@@ -20,12 +20,29 @@ import os
 import time
 from typing import Any
 
-__all__ = ["comparison_lines", "summary", "target_lines", "write_report"]
+import numpy as np
+
+__all__ = ["comparison_lines", "pair_bootstrap_ci", "summary", "target_lines", "write_report"]
 
 GAIN_TARGET = 0.30
 RATIO_TARGET = 2.0
 WALL_TARGET_S = 240.0
 MAIN = "grpo"
+
+
+def pair_bootstrap_ci(correct: np.ndarray, pairs: list[tuple[int, int]], *, seed: int,
+                      n_resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the accuracy resampling whole pairs (a cluster
+    bootstrap: the wordings of one pair are not independent prompts)."""
+    keys = sorted(set(pairs))
+    index = {key: i for i, key in enumerate(keys)}
+    group = np.asarray([index[p] for p in pairs])
+    hits = np.bincount(group, weights=correct, minlength=len(keys))
+    counts = np.bincount(group, minlength=len(keys))
+    draws = np.random.default_rng(seed).integers(0, len(keys), (n_resamples, len(keys)))
+    accuracy = hits[draws].sum(1) / counts[draws].sum(1)
+    low, high = np.quantile(accuracy, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ import tokenizers
 from tokenizers import decoders, models as tokenizer_models, pre_tokenizers, trainers
 
 from jaxalign import rewards
-from jaxalign.demo import math_task
+from jaxalign.demo import math_report, math_task
 from jaxalign.demo.cache import StageCache, load_params, save_params
 from jaxalign.demo.context import progress, read_jsonl
 from jaxalign.evaluate import bootstrap_ci, sample_completions
@@ -310,27 +310,13 @@ def stage_rl(run: _Run, out: Path, *, estimator: str) -> dict[str, Any]:
                 "ppo_epochs", "num_minibatches", "clip_eps")} | {"lr": cfg.rl_lr}}
 
 
-def pair_bootstrap_ci(correct: np.ndarray, pairs: list[tuple[int, int]], *, seed: int,
-                      n_resamples: int = 2000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the accuracy resampling whole pairs (a cluster
-    bootstrap: the wordings of one pair are not independent prompts)."""
-    keys = sorted(set(pairs))
-    index = {key: i for i, key in enumerate(keys)}
-    group = np.asarray([index[p] for p in pairs])
-    hits = np.bincount(group, weights=correct, minlength=len(keys))
-    counts = np.bincount(group, minlength=len(keys))
-    draws = np.random.default_rng(seed).integers(0, len(keys), (n_resamples, len(keys)))
-    accuracy = hits[draws].sum(1) / counts[draws].sum(1)
-    low, high = np.quantile(accuracy, [0.025, 0.975])
-    return float(low), float(high)
-
-
 def _evaluation(run: _Run, params: Any, heldout: list[dict], batch: dict) -> dict[str, Any]:
     cfg = run.config
     greedy, texts = _accuracy(run, params, heldout, batch, jax.random.key(cfg.seed + 70), 0.0)
     sampled, _ = _accuracy(run, params, heldout, batch, jax.random.key(cfg.seed + 71), 1.0)
     low, high = bootstrap_ci(greedy, seed=cfg.seed)
-    pair_ci = pair_bootstrap_ci(greedy, [(r["a"], r["b"]) for r in heldout], seed=cfg.seed)
+    pair_ci = math_report.pair_bootstrap_ci(greedy, [(r["a"], r["b"]) for r in heldout],
+                                            seed=cfg.seed)
     return {"accuracy": float(greedy.mean()), "accuracy_ci": [low, high],
             "accuracy_ci_pairs": list(pair_ci), "sampled_accuracy": float(sampled.mean()),
             "n": int(greedy.size), "correct": greedy.astype(int).tolist(),
@@ -353,8 +339,6 @@ def stage_eval(run: _Run, out: Path) -> dict[str, Any]:
 def run_math_demo(config: MathConfig, out: str | Path, *, start_time: float | None = None,
                   log=print) -> dict[str, Any]:
     """Runs (or resumes) every stage under ``out`` and writes the report; returns it."""
-    from jaxalign.demo import math_report  # noqa: PLC0415 (the report imports this module)
-
     start_time = time.perf_counter() if start_time is None else start_time
     load_start = os.getloadavg()[0]
     cache = StageCache(out, log=log)
@@ -390,8 +374,6 @@ def run_math_demo(config: MathConfig, out: str | Path, *, start_time: float | No
 def main(*, quick: bool, out: str | None, start_time: float) -> int:
     """``python -m jaxalign.demo --task math``: run, print the comparison and the targets;
     returns the exit status (1 if a target failed, unless ``quick``)."""
-    from jaxalign.demo import math_report  # noqa: PLC0415
-
     out = out or "runs/demo_math"
     report = run_math_demo(QUICK if quick else FULL, out, start_time=start_time)
     print()
