@@ -73,37 +73,38 @@ def at_ratios(chosen, rejected):
                 ref_chosen_logps=jnp.zeros_like(chosen), ref_rejected_logps=jnp.zeros_like(chosen))
 
 
-def close(actual, expected, scale=1.0):
+def assert_close(actual, expected, scale=1.0):
+    """``actual`` equals the float64 reference to 1e-4 (relative, and absolute times ``scale``)."""
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 # ---------------------------------------------------------------- against the papers
 @given(BATCHES, jt.betas())
 def test_nca_matches_paper(batch, beta):
-    close(ja.nca_loss(**batch, beta=beta), np_nca(*log_ratios(batch), beta))
+    assert_close(ja.nca_loss(**batch, beta=beta), np_nca(*log_ratios(batch), beta))
 
 
 @given(BATCHES, jt.betas())
 def test_bco_pair_is_bco_with_zero_shift_on_both_halves(batch, beta):
     chosen, rejected = log_ratios(batch)
     expected = np_bco(beta * chosen, True, 0.0) + np_bco(beta * rejected, False, 0.0)
-    close(ja.bco_pair_loss(**batch, beta=beta), expected)
+    assert_close(ja.bco_pair_loss(**batch, beta=beta), expected)
 
 
 @given(BATCHES, jt.betas())
 def test_sppo_hard_matches_paper_with_eta_one_over_beta(batch, beta):
     expected = np_sppo(*log_ratios(batch), eta=1.0 / beta)
-    close(ja.sppo_hard_loss(**batch, beta=beta), expected, scale=expected.max())
+    assert_close(ja.sppo_hard_loss(**batch, beta=beta), expected, scale=expected.max())
 
 
 @given(BATCHES, jt.betas())
 def test_apo_zero_is_paper_plus_one(batch, beta):
-    close(ja.apo_zero_loss(**batch, beta=beta) - 1.0, np_apo_zero_paper(*log_ratios(batch), beta))
+    assert_close(ja.apo_zero_loss(**batch, beta=beta) - 1.0, np_apo_zero_paper(*log_ratios(batch), beta))
 
 
 @given(BATCHES, jt.betas())
 def test_apo_down_is_paper_plus_one(batch, beta):
-    close(ja.apo_down_loss(**batch, beta=beta) - 1.0, np_apo_down_paper(*log_ratios(batch), beta))
+    assert_close(ja.apo_down_loss(**batch, beta=beta) - 1.0, np_apo_down_paper(*log_ratios(batch), beta))
 
 
 # ---------------------------------------------------------------- closed forms
@@ -143,14 +144,14 @@ def test_apo_limits_show_what_each_variant_rewards():
 def test_nca_swap_differs_by_the_chosen_term_only(batch, beta):
     chosen, rejected = log_ratios(batch)
     diff = ja.nca_loss(**batch, beta=beta) - ja.nca_loss(**swap(batch), beta=beta)
-    close(diff, np.logaddexp(0, -beta * chosen) - np.logaddexp(0, -beta * rejected), scale=10)
+    assert_close(diff, np.logaddexp(0, -beta * chosen) - np.logaddexp(0, -beta * rejected), scale=10)
 
 
 @given(BATCHES, jt.betas())
 def test_bco_pair_swap_differs_by_minus_beta_h_like_dpo(batch, beta):
     chosen, rejected = log_ratios(batch)
     diff = ja.bco_pair_loss(**batch, beta=beta) - ja.bco_pair_loss(**swap(batch), beta=beta)
-    close(diff, -beta * (chosen - rejected), scale=10)
+    assert_close(diff, -beta * (chosen - rejected), scale=10)
 
 
 @given(BATCHES, jt.betas())
@@ -158,7 +159,7 @@ def test_sppo_hard_swap_differs_by_minus_two_h_over_beta(batch, beta):
     chosen, rejected = log_ratios(batch)
     loss = ja.sppo_hard_loss(**batch, beta=beta)
     diff = loss - ja.sppo_hard_loss(**swap(batch), beta=beta)
-    close(diff, -2 * (chosen - rejected) / beta, scale=10 * float(np.max(loss)))
+    assert_close(diff, -2 * (chosen - rejected) / beta, scale=10 * float(np.max(loss)))
 
 
 @given(BATCHES, jt.betas())
@@ -173,4 +174,4 @@ def test_apo_down_swap(batch, beta):
     diff = ja.apo_down_loss(**batch, beta=beta) - ja.apo_down_loss(**swap(batch), beta=beta)
     expected = (np_sigmoid(beta * chosen) - np_sigmoid(beta * rejected)
                 - np.tanh(beta * (chosen - rejected) / 2))
-    close(diff, expected)
+    assert_close(diff, expected)
