@@ -18,9 +18,8 @@ from jaxalign.models import (
     init_head_from_causal_lm,
     init_params,
 )
+from jaxalign.sampling.tokens import _largest_threshold, _order_keys
 from jaxalign.sampling import (
-    _largest_threshold,
-    _order_keys,
     generate,
     is_stop_token,
     make_generate,
