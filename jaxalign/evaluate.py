@@ -14,8 +14,8 @@ What is measured, for a policy ``π`` and a reference ``π_SFT`` on the same pro
 * for PPO, the **gold reward curve** over iterations (:func:`curve_improvement` compares its
   first and last 10%).
 
-Plots: :func:`plot_reward_curve` and :func:`plot_frontier` (gold reward against KL, one line per
-method and its swept hyperparameter, like Figure 2 of Rafailov et al. 2023, arXiv:2305.18290).
+Plots are in :mod:`jaxalign.plots`: ``plot_reward_curve`` and ``plot_frontier`` (gold reward
+against KL, one line per method and its swept hyperparameter, like Figure 2 of Rafailov et al. 2023, arXiv:2305.18290).
 
 ``report.json`` (written by ``python -m jaxalign.demo``) has this schema::
 
@@ -98,7 +98,7 @@ from jaxalign.sampling import make_generate
 
 __all__ = [
     "Completions", "bootstrap_ci", "curve_improvement", "evaluate_policy", "mean_and_se",
-    "plot_frontier", "plot_reward_curve", "sample_completions", "sequence_kl", "summarize_rewards",
+    "sample_completions", "sequence_kl", "summarize_rewards",
     "win_outcomes", "win_rate", "win_rate_with_ci",
 ]
 
@@ -333,70 +333,3 @@ def evaluate_policy(
             "kl_to_sft": kl_mean, "kl_to_sft_se": kl_se,
             "examples": [p + t for p, t in zip(prompts, texts[:n_examples])],
             "rewards": rewards.tolist()}
-
-
-# ----------------------------------------------------------------------------- plots
-def _figure(height: float):
-    """A figure that is not registered with pyplot: writing a PNG never switches the caller's
-    backend (a notebook's inline plots keep working) and leaves no open figure behind."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, height))
-    return fig, fig.subplots()
-
-
-def plot_reward_curve(
-    curves: dict[str, dict[str, Sequence[float]]], path: str, *, title: str = "PPO: gold reward"
-) -> None:
-    """One line (± 1 standard error band) per run.
-
-    ``curves``: ``{label: {"gold_reward": [T], "gold_reward_se": [T]}}``; writes a PNG to ``path``.
-    """
-    fig, ax = _figure(4.0)
-    for label, curve in curves.items():
-        mean = np.asarray(curve["gold_reward"], dtype=np.float64)
-        se = np.asarray(curve.get("gold_reward_se", np.zeros_like(mean)), dtype=np.float64)
-        steps = np.arange(len(mean))
-        ax.plot(steps, mean, label=label)
-        ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
-    ax.set_xlabel("PPO iteration")
-    ax.set_ylabel("mean gold reward of samples")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def plot_frontier(points: Sequence[dict[str, Any]], path: str, *,
-                  title: str = "Reward–KL frontier") -> None:
-    """Gold reward against KL(π‖π_SFT), one marker style per method, each point annotated with
-    its swept value (or its own ``"label"``); writes a PNG to ``path``.
-
-    ``points``: ``[{"method", "param", "value", "gold_reward", "kl_to_sft"}]``, optionally
-    ``"label"`` (the annotation text, e.g. ``"BoN n=4"``) and ``"kl_closed_form": True`` (the
-    KL is analytic, not estimated: the method's line is dashed).
-    """
-    fig, ax = _figure(4.4)
-    methods = list(dict.fromkeys(p["method"] for p in points))
-    markers = "osD^v<>P*Xhd"
-    if len(methods) > len(markers):
-        raise ValueError(f"at most {len(markers)} methods per plot, got {len(methods)}")
-    for marker, method in zip(markers, methods):
-        group = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl_to_sft"])
-        kls = [p["kl_to_sft"] for p in group]
-        golds = [p["gold_reward"] for p in group]
-        line = "--" if all(p.get("kl_closed_form") for p in group) else "-"
-        ax.plot(kls, golds, marker=marker, label=method, linestyle=line if len(group) > 1 else "")
-        for p in group:
-            label = p.get("label") or (f"{p['param']}={p['value']:g}" if p.get("param") else "")
-            if label:
-                ax.annotate(label, (p["kl_to_sft"], p["gold_reward"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("KL(π ‖ π_SFT)  [nats per completion]")
-    ax.set_ylabel("mean gold reward")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import evaluate
+from jaxalign import evaluate, plots
 from jaxalign.demo import task
 from jaxalign.logprobs import sequence_logprobs
 from jaxalign.models import CausalLM, TransformerConfig, init_params
@@ -148,15 +148,15 @@ def test_plots_write_png_files(tmp_path):
     backend = matplotlib.get_backend()
     matplotlib.use("svg")  # stands in for a notebook's inline backend
     curve = {"gold_reward": [0.0, 1.0, 2.0], "gold_reward_se": [0.1, 0.1, 0.1]}
-    evaluate.plot_reward_curve({"ppo": curve}, str(tmp_path / "curve.png"))
+    plots.plot_reward_curve({"ppo": curve}, str(tmp_path / "curve.png"))
     points = [{"method": "dpo", "param": "β", "value": b, "gold_reward": g, "kl_to_sft": k}
               for b, g, k in ((0.1, 2.0, 3.0), (0.3, 1.0, 1.0))]
     points += [{"method": "best-of-n", "param": "n", "value": n, "label": f"BoN n={n}",
                 "kl_closed_form": True, "gold_reward": g, "kl_to_sft": k}
                for n, g, k in ((1, 0.0, 0.0), (4, 1.5, np.log(4) - 0.75))]
-    evaluate.plot_frontier(points, str(tmp_path / "frontier.png"))
+    plots.plot_frontier(points, str(tmp_path / "frontier.png"))
     with pytest.raises(ValueError, match="at most"):
-        evaluate.plot_frontier([{**points[0], "method": str(i)} for i in range(20)],
+        plots.plot_frontier([{**points[0], "method": str(i)} for i in range(20)],
                                str(tmp_path / "too_many.png"))
     for name in ("curve.png", "frontier.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,7 +20,7 @@ LAYERS = {
         "jaxalign.data", "jaxalign.tokenizer", "jaxalign.batching", "jaxalign.distributed",
         "jaxalign.rewards", "jaxalign.chat_template", "jaxalign.conversation",
         "jaxalign.plan"),
-    3: ("jaxalign.cli", "jaxalign.demo", "jaxalign.evaluate", "jaxalign.feedback"),
+    3: ("jaxalign.cli", "jaxalign.demo", "jaxalign.evaluate", "jaxalign.plots", "jaxalign.feedback"),
 }
 
 

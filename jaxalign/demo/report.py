@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 from jaxalign.demo.align import planned_runs
-from jaxalign.evaluate import curve_improvement, plot_frontier, plot_reward_curve
+from jaxalign.evaluate import curve_improvement
+from jaxalign.plots import plot_frontier, plot_reward_curve
 
 METHODS = ("ppo", "dpo", "ipo", "orpo")
 FRONTIER_METHODS = ("simpo", "kto")  # reported with win rate and CI, no targets
