@@ -245,6 +245,49 @@ def _check_rewards(config: RLHFConfig, value: Any, reward: Any, reward_fn: Any, 
     return scorer
 
 
+def _iteration(config: RLHFConfig, generate: Callable, forwards: _Forwards, controller: Any,
+               reward: Any, text: Any, text_score: Any, optimizers: tuple, mesh: Mesh | None,
+               return_rollouts: bool) -> Callable:
+    """The uncompiled iteration ``step(state, prompts, key, scorer)``: rollout, rewards
+    (dynamic sampling), scores, advantages, PPO epochs, KL controller."""
+    policy_optimizer, value_optimizer = optimizers
+
+    def step(state: RLHFState, prompts: dict, key: jax.Array, scorer: Any = None):
+        if text is not None and text.columns and "index" not in prompts:
+            raise ValueError("reward_columns need each prompt's dataset row: pass"
+                             " prompts['index'] [B]")
+        sample_key, shuffle_key = jax.random.split(key)
+        rollout = _rollout(generate, state.policy_params, prompts, sample_key,
+                           config.samples_per_prompt)
+        rewards = stages.sequence_rewards(reward, state.reward_params, rollout, scorer,
+                                          text_score, text)
+        sampled, sampled_rewards, selection = rollout, rewards, None
+        if config.dynamic_sampling:
+            rollout, rewards, selection = stages.select_groups(config, rollout, rewards, mesh)
+        scored = _score(forwards, config, state, rollout, rewards)
+        advantages, returns = stages.estimate_advantages(config, scored, rollout["mask"],
+                                                         state.kl.coef)
+        carry, updates = ppo_epochs(forwards, config, (policy_optimizer, value_optimizer), mesh,
+                                    state, _update_batch(rollout, scored, advantages, returns),
+                                    shuffle_key)
+        metrics = rlhf_metrics(config, scored, updates, rollout["mask"], advantages, returns,
+                               state.kl.coef, sampled_rewards=sampled_rewards,
+                               sampled_has_eos=_has_eos(config, sampled["completion"],
+                                                        sampled["mask"]),
+                               sampled_lengths=jnp.sum(sampled["mask"], axis=1),
+                               text=text, selection=selection)
+        policy_params, policy_opt, value_params, value_opt = carry
+        new_state = state.replace(
+            policy_params=policy_params, policy_opt_state=policy_opt, value_params=value_params,
+            value_opt_state=value_opt, step=state.step + 1,
+            kl=controller.update(state.kl, metrics["kl"], rollout["ids"].shape[0]))
+        if not return_rollouts:
+            return new_state, metrics
+        return new_state, metrics, _rollouts_out(rollout, scored)
+
+    return step
+
+
 def make_rlhf_step(
     policy: Any,
     value: Any,
@@ -293,42 +336,10 @@ def make_rlhf_step(
     generate = make_generate(
         policy, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_k=config.top_k, top_p=config.top_p, eos_id=config.eos_id, pad_id=config.pad_id)
-    forwards = _forwards(policy, value, config)
-    controller = kl_controller(config)
 
-    def step(state: RLHFState, prompts: dict, key: jax.Array, scorer: Any = None):
-        if text is not None and text.columns and "index" not in prompts:
-            raise ValueError("reward_columns need each prompt's dataset row: pass"
-                             " prompts['index'] [B]")
-        sample_key, shuffle_key = jax.random.split(key)
-        rollout = _rollout(generate, state.policy_params, prompts, sample_key,
-                           config.samples_per_prompt)
-        rewards = stages.sequence_rewards(reward, state.reward_params, rollout, scorer,
-                                          text_score, text)
-        sampled, sampled_rewards, selection = rollout, rewards, None
-        if config.dynamic_sampling:
-            rollout, rewards, selection = stages.select_groups(config, rollout, rewards, mesh)
-        scored = _score(forwards, config, state, rollout, rewards)
-        advantages, returns = stages.estimate_advantages(config, scored, rollout["mask"],
-                                                         state.kl.coef)
-        carry, updates = ppo_epochs(forwards, config, (policy_optimizer, value_optimizer), mesh,
-                                    state, _update_batch(rollout, scored, advantages, returns),
-                                    shuffle_key)
-        metrics = rlhf_metrics(config, scored, updates, rollout["mask"], advantages, returns,
-                               state.kl.coef, sampled_rewards=sampled_rewards,
-                               sampled_has_eos=_has_eos(config, sampled["completion"],
-                                                        sampled["mask"]),
-                               sampled_lengths=jnp.sum(sampled["mask"], axis=1),
-                               text=text, selection=selection)
-        policy_params, policy_opt, value_params, value_opt = carry
-        new_state = state.replace(
-            policy_params=policy_params, policy_opt_state=policy_opt, value_params=value_params,
-            value_opt_state=value_opt, step=state.step + 1,
-            kl=controller.update(state.kl, metrics["kl"], rollout["ids"].shape[0]))
-        if not return_rollouts:
-            return new_state, metrics
-        return new_state, metrics, _rollouts_out(rollout, scored)
-
+    step = _iteration(config, generate, _forwards(policy, value, config), kl_controller(config),
+                      reward, text, text_score, (policy_optimizer, value_optimizer), mesh,
+                      return_rollouts)
     models = rlhf_state_models(policy=policy, value=value, reward=reward)
     return compile_step(
         step, mesh=mesh, state_shardings=lambda state: shd.state_shardings(state, mesh, models),
