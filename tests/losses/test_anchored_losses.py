@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given
 
+from np_reference import log_ratios, np_log_sigmoid, np_sigmoid
+
 import jaxalign as ja
 from jaxalign import testing as jt
 
@@ -15,20 +17,6 @@ BATCHES = jt.preference_logps(min_value=-50.0)
 
 
 # ---------------------------------------------------------------- float64 references (numpy)
-def np_log_sigmoid(x):
-    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
-
-
-def np_sigmoid(x):
-    return np.exp(np_log_sigmoid(x))
-
-
-def log_ratios(batch):
-    f64 = {k: np.asarray(v, np.float64) for k, v in batch.items()}
-    return (f64["policy_chosen_logps"] - f64["ref_chosen_logps"],
-            f64["policy_rejected_logps"] - f64["ref_rejected_logps"])
-
-
 def np_nca(chosen, rejected, beta):
     # Chen et al.: −Σ_i p_i log σ(r_i) − (1/K) Σ_i log σ(−r_i), K = 2, p = (1, 0), r = β·log-ratio
     rewards = beta * np.stack([chosen, rejected])

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from np_reference import log_ratios, np_log_sigmoid, np_sigmoid
+
 import jaxalign as ja
 from jaxalign import testing as jt
 
@@ -18,21 +20,6 @@ BATCHES = jt.preference_logps(min_value=-50.0)
 
 
 # ---------------------------------------------------------------- float64 references (numpy)
-def np_log_sigmoid(x):
-    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
-
-
-def np_sigmoid(x):
-    return np.exp(np_log_sigmoid(x))
-
-
-def log_ratios(batch):
-    """``(log π(y_w)/π_ref(y_w), log π(y_l)/π_ref(y_l))`` in float64."""
-    f64 = {k: np.asarray(v, np.float64) for k, v in batch.items()}
-    return (f64["policy_chosen_logps"] - f64["ref_chosen_logps"],
-            f64["policy_rejected_logps"] - f64["ref_rejected_logps"])
-
-
 def np_dpo(chosen, rejected, beta):
     return -np_log_sigmoid(beta * (chosen - rejected))
 

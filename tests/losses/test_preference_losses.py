@@ -11,17 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from np_reference import np_log_sigmoid
+
 import jaxalign as ja
 from jaxalign import losses
 from jaxalign import testing as jt
 
 
 # ---------------------------------------------------------------- float64 references (numpy)
-def np_log_sigmoid(x):
-    x = np.asarray(x, np.float64)
-    return -np.logaddexp(0.0, -x)
-
-
 def np_dpo(pc, pr, rc, rr, beta, eps=0.0):
     h = (np.float64(pc) - rc) - (np.float64(pr) - rr)
     return -(1 - eps) * np_log_sigmoid(beta * h) - eps * np_log_sigmoid(-beta * h)

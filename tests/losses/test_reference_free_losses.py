@@ -10,12 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from np_reference import np_log_sigmoid
+
 import jaxalign as ja
 from jaxalign import testing as jt
-
-
-def np_log_sigmoid(x):
-    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
 
 
 @st.composite

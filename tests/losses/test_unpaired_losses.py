@@ -11,14 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from np_reference import np_sigmoid
+
 import jaxalign as ja
 from jaxalign import testing as jt
 
 BATCHES = jt.unpaired_logps(min_value=-50.0)
-
-
-def np_sigmoid(x):
-    return np.exp(-np.logaddexp(0.0, -np.asarray(x, np.float64)))
 
 
 def log_ratio(batch):
