@@ -302,6 +302,17 @@ def test_wrong_record_kind_and_unknown_preset_are_errors(data, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------ options
+def test_kto_command_trains_bco_with_its_running_baseline(data, tmp_path):
+    """``jaxalign kto --loss bco``: the baseline (arrays in the state) is checkpointed and its
+    shift reported."""
+    out = tmp_path / "bco"
+    assert cli.main(_flags("kto", data["unpaired"], out, "--loss", "bco", "--steps", "6")) == 0
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert metrics[0]["bco/delta"] == pytest.approx(0.0, abs=1e-6)  # π = ref at step 1
+    assert metrics[-1]["bco/delta"] != 0.0 and metrics[-1]["loss"] < metrics[0]["loss"]
+
+
 def test_loss_combinations_and_their_weights_from_flags_and_files(tmp_path, data, capsys):
     _, config = cli.parse_args(["dpo", "--loss", "hinge,sft", "--loss-weights", "1,0.5",
                                 "--ref-sync-every", "4"])

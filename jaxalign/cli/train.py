@@ -245,18 +245,18 @@ def _initial_state(kind: str, config: TrainConfig, job: _Job, optimizer: Any,
             with_reference=with_reference, loss_state=loss_state)
         return state, reference
     params = make_params(init_key)
-    create_state = _create_state_fn(optimizer, loss_state)
-    state = create_state(params, key=state_key, ref_params=params if with_reference else None)
+    state = _create_state_fn(optimizer)(params, key=state_key, loss_state=loss_state,
+                                        ref_params=params if with_reference else None)
     # One placement for every leaf (restored ones are committed to a device too): a state whose
     # leaves differ in placement from the step's outputs would compile the step a second time.
     return jax.device_put(state, jax.local_devices()[0]), reference
 
 
 @functools.lru_cache(maxsize=8)
-def _create_state_fn(optimizer: Any, loss_state: Any) -> Any:
-    # create_train_state copies the reference params: the step donates params
-    return jax.jit(functools.partial(steps.create_train_state, optimizer=optimizer,
-                                     loss_state=loss_state))
+def _create_state_fn(optimizer: Any) -> Any:
+    # create_train_state copies the reference params: the step donates params. The loss state
+    # (BCO's baseline, arrays) is an argument, not part of the cache key.
+    return jax.jit(functools.partial(steps.create_train_state, optimizer=optimizer))
 
 
 def train(kind: str, config: TrainConfig) -> dict[str, Any]:
