@@ -189,6 +189,15 @@ def shard_state(state: Any, mesh: Mesh, models: Mapping[str, nn.Module | None],
     return jax.device_put(state, state_shardings(state, mesh, models, rules))
 
 
+def global_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+    """A PRNG ``key`` every process holds, as a replicated global array on ``mesh`` in a
+    multi-process run (a jitted step takes only global arrays there); else unchanged."""
+    if jax.process_count() == 1:
+        return key
+    data = jax.device_put(jax.device_get(jax.random.key_data(key)), replicated(mesh))
+    return jax.random.wrap_key_data(data)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``data`` and ``fsdp``; other axes replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -80,16 +80,7 @@ def _check_batch(config: PPOConfig, mesh: jax.sharding.Mesh | None) -> None:
 
 def _iteration_key(rollout_key: jax.Array, step: int, mesh: Any) -> jax.Array:
     """``fold_in(rollout_key, step)``; in a multi-process run a replicated global array."""
-    return _global_key(jax.random.fold_in(rollout_key, step), mesh)
-
-
-def _global_key(key: jax.Array, mesh: Any) -> jax.Array:
-    """``key`` as a replicated global array in a multi-process run (every process holds the
-    same key), else unchanged."""
-    if jax.process_count() == 1:
-        return key
-    data = jax.device_put(jax.device_get(jax.random.key_data(key)), sharding.replicated(mesh))
-    return jax.random.wrap_key_data(data)
+    return sharding.global_key(jax.random.fold_in(rollout_key, step), mesh)
 
 
 @functools.lru_cache(maxsize=4)
@@ -143,7 +134,7 @@ def _initial_state(config: PPOConfig, run: PolicyRun, rlhf_config: Any, mesh: An
         return state, step_fn, schedule, actor
     models = rlhf_state_models(policy=actor, value=value, reward=run.reward)
     shapes = jax.eval_shape(init, make_params, run.reward_params, key)
-    key = _global_key(key, mesh)
+    key = sharding.global_key(key, mesh)
     state = jax.jit(init, out_shardings=sharding.state_shardings(shapes, mesh, models))(
         make_params, run.reward_params, key)
     return state, step_fn, schedule, actor

@@ -229,8 +229,5 @@ def create_sharded_train_state(
 
     shardings = train_state_shardings(jax.eval_shape(init, make_params, params_key, key), mesh,
                                       model)
-    if jax.process_count() > 1:  # keys must be global arrays: their data, replicated
-        params_key, key = (jax.random.wrap_key_data(jax.device_put(
-            jax.device_get(jax.random.key_data(k)), shd.replicated(mesh)))
-            for k in (params_key, key))
-    return jax.jit(init, out_shardings=shardings)(make_params, params_key, key)
+    return jax.jit(init, out_shardings=shardings)(
+        make_params, shd.global_key(params_key, mesh), shd.global_key(key, mesh))
