@@ -303,8 +303,8 @@ def test_wrong_record_kind_and_unknown_preset_are_errors(data, tmp_path, capsys)
 
 # ------------------------------------------------------------------------------ options
 def test_kto_command_trains_bco_with_its_running_baseline(data, tmp_path):
-    """``jaxalign kto --loss bco``: the baseline (arrays in the state) is checkpointed and its
-    shift reported."""
+    """``jaxalign kto --loss bco`` runs (its baseline is arrays in the state) and reports the
+    baseline's shift."""
     out = tmp_path / "bco"
     assert cli.main(_flags("kto", data["unpaired"], out, "--loss", "bco", "--steps", "6")) == 0
     metrics = _metrics(out)

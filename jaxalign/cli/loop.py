@@ -202,10 +202,15 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
                                               encoding="utf-8")
 
 
+# Options that do not change a run's trajectory: resuming with others changed is allowed but
+# warned about (the metrics then differ from an uninterrupted run's).
+BOOKKEEPING_OPTIONS = ("out", "resume", "progress", "save_every", "keep", "log_every",
+                       "stop_at", "export_hf", "on_bad_record", "tokenizer")
+
+
 def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *,
                       config: Any, kind: str, out: Path, loader: DataLoader, resuming: bool,
-                      model_config: dict[str, Any], trajectory_options: Iterable[str],
-                      began: float, headline: str = "loss",
+                      model_config: dict[str, Any], began: float, headline: str = "loss",
                       extra: Callable[[int], dict[str, float]] = lambda step: {}
                       ) -> tuple[LoopResult, int]:
     """The skeleton every checkpointed command shares: restore the latest checkpoint when
@@ -217,16 +222,16 @@ def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict,
     with StopSignal() as stop:
         return _checkpointed_loop(state, step_fn, config=config, kind=kind, out=out,
                                   loader=loader, resuming=resuming, model_config=model_config,
-                                  trajectory_options=trajectory_options, began=began,
-                                  headline=headline, extra=extra, stop=stop)
+                                  began=began, headline=headline, extra=extra, stop=stop)
 
 
 def _checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *,
                        config: Any, kind: str, out: Path, loader: DataLoader, resuming: bool,
-                       model_config: dict[str, Any], trajectory_options: Iterable[str],
-                       began: float, headline: str, extra: Callable[[int], dict[str, float]],
+                       model_config: dict[str, Any], began: float, headline: str,
+                       extra: Callable[[int], dict[str, float]],
                        stop: StopSignal) -> tuple[LoopResult, int]:
     args = flat_values(config)
+    trajectory_options = [k for k in args if k not in BOOKKEEPING_OPTIONS]
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=config.keep)
     start = 0
     if resuming:

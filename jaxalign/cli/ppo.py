@@ -42,7 +42,7 @@ from jaxalign import train as steps
 from jaxalign.cli.configs import GRPOConfig, PPOConfig
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
-from jaxalign.cli.options import ConfigError, flat_values
+from jaxalign.cli.options import ConfigError
 from jaxalign.cli.run_dir import config_to_dict, save_final
 from jaxalign.cli.reward_fns import TextRewardSpec, text_reward_spec
 from jaxalign.cli.sources import PolicyRun, load_policy_run, mesh_from_spec, stop_tokens
@@ -55,9 +55,6 @@ from jaxalign.train.rlhf import init_rlhf_state, make_rlhf_step, rlhf_state_mode
 
 __all__ = ["ppo"]
 
-# Options that do not change the trajectory (all others are warned about when they change).
-_BOOKKEEPING = ("out", "resume", "progress", "save_every", "keep", "log_every", "stop_at",
-                "export_hf")
 
 
 def _check_batch(config: PPOConfig, mesh: jax.sharding.Mesh | None) -> None:
@@ -193,8 +190,7 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
 
     result, start = checkpointed_loop(
         state, rlhf_step, config=config, kind=kind, out=out, loader=loader, resuming=resuming,
-        model_config=model_config, began=began, headline="score/mean", extra=learning_rate,
-        trajectory_options=[k for k in flat_values(config) if k not in _BOOKKEEPING])
+        model_config=model_config, began=began, headline="score/mean", extra=learning_rate,)
     return _finish(config, run, result, start, out, kind)
 
 

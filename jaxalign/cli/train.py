@@ -40,7 +40,7 @@ from jaxalign.batching import map_batches
 from jaxalign.cli.configs import PREFERENCE_COMMANDS as _PREFERENCE, TrainConfig
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
-from jaxalign.cli.options import ConfigError, flat_values
+from jaxalign.cli.options import ConfigError
 from jaxalign.cli.run_dir import config_to_dict, final_dir, save_final
 from jaxalign.cli.sources import (data_texts, find_tokenizer, fixed_params, load_tokenizer,
                                   mesh_from_spec, model_source)
@@ -53,9 +53,6 @@ __all__ = ["initial_model", "train"]
 
 _DATA_KINDS = {"sft": ("sft",), "rm": ("preference", "ranking"), "dpo": ("preference",),
                "ipo": ("preference",), "orpo": ("preference",), "kto": ("unpaired",)}
-# Options that do not change the trajectory (all others are warned about when they change).
-_BOOKKEEPING = ("out", "resume", "progress", "save_every", "keep", "log_every", "stop_at",
-                "export_hf", "on_bad_record", "tokenizer")
 
 
 # ------------------------------------------------------------------------------ setup
@@ -151,23 +148,21 @@ def _reference_logps(model: Any, params: Any, dataset: Dataset,
 @functools.lru_cache(maxsize=8)
 def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options: tuple,
                   mesh: Any) -> tuple:
-    """``(step, optimizer, loss_state, schedule)`` for a model and its hyperparameters
+    """``(step, optimizer, schedule)`` for a model and its hyperparameters
     (cached, so a process running several jobs on one model, e.g. a demo or a resume, compiles
     once)."""
     options = dict(optimizer_options)
     optimizer = steps.make_optimizer(**options)
     step_options = {**dict(step_options), "mesh": mesh}
-    loss_state = None
     if kind == "sft":
         step = steps.make_sft_step(model, optimizer, **step_options)
     elif kind == "rm":
         step = steps.make_reward_step(model, optimizer, **step_options)
     elif kind == "kto":
         step = steps.make_unpaired_step(model, optimizer, **step_options)
-        loss_state = steps.init_loss_state(step_options["config"])
     else:
         step = steps.make_preference_step(model, optimizer, **step_options)
-    return step, optimizer, loss_state, jax.jit(steps.optimizer_schedule(**options))
+    return step, optimizer, jax.jit(steps.optimizer_schedule(**options))
 
 
 def _count_tokens(batch: dict[str, np.ndarray]) -> int:
@@ -270,9 +265,11 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if job.new_tokenizer and is_main_process():
         job.tokenizer.save(out / "tokenizer")
-    step_fn, optimizer, loss_state, schedule = _training_fns(
+    step_fn, optimizer, schedule = _training_fns(
         kind, model, tuple(config.optimizer_options().items()),
         tuple(config.step_options(kind).items()), mesh)
+    loss_state = (steps.init_loss_state(config.preference_config(kind)) if kind == "kto"
+                  else None)  # BCO's running baseline (arrays: never part of a cache key)
     state, reference = _initial_state(kind, config, job, optimizer, loss_state)
 
     def train_step(state: Any, step: int) -> tuple[Any, dict, Any]:
@@ -291,7 +288,6 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
     result, start = checkpointed_loop(
         state, train_step, config=config, kind=kind, out=out, loader=job.loader,
         resuming=job.resuming, model_config=model_config,
-        trajectory_options=[k for k in flat_values(config) if k not in _BOOKKEEPING],
         began=began, extra=learning_rate)
     final = hf_dir = None
     if result.step == config.steps:
