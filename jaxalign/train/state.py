@@ -158,13 +158,16 @@ def make_loss_step(
     after_update: Callable[[TrainState], TrainState] | None = None,
     mesh: Mesh | None = None,
     model: Any = None,
+    carries_loss_state: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The step every factory builds: differentiate ``loss_fn(params, state, batch) ->
     (loss, metrics)``, apply the optimiser, and return ``(state, {"loss", **metrics,
     "grad_norm", "skipped_updates"})``. ``prepare(state, batch) -> (state, batch)`` runs first,
     outside the differentiated function (e.g. reference log-probs, which do not depend on
     ``params``, or a loss's running statistics);
-    ``after_update(state)`` runs on the updated state (e.g. moving a reference model).
+    ``after_update(state)`` runs on the updated state (e.g. moving a reference model). With
+    ``carries_loss_state``, ``loss_fn`` returns ``(loss, (metrics, loss_state))`` and the new
+    ``loss_state`` (statistics it updated from the same forward pass) goes into the state.
 
     Jitted with the state donated, unless ``axis_name`` is given (gradients and metrics are then
     ``pmean``-ed over it and the caller wraps the step in ``pmap``/``shard_map``) or ``jit`` is
@@ -176,8 +179,12 @@ def make_loss_step(
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if prepare is not None:
             state, batch = prepare(state, batch)
-        (loss, metrics), grads = jax.value_and_grad(
+        (loss, aux), grads = jax.value_and_grad(
             lambda params: loss_fn(params, state, batch), has_aux=True)(state.params)
+        metrics = aux
+        if carries_loss_state:
+            metrics, loss_state = aux
+            state = state.replace(loss_state=loss_state)
         state, opt_metrics = apply_gradients(state, grads, optimizer, axis_name=axis_name)
         if after_update is not None:
             state = after_update(state)

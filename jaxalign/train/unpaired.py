@@ -47,13 +47,16 @@ def init_loss_state(config: PreferenceConfig) -> Any:
 
 
 def unpaired_loss(model: Any, params: Any, batch: dict, config: PreferenceConfig,
-                  loss_state: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  loss_state: Any = None, *,
+                  logps: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean KTO or BCO loss of a prepared batch (``ref_logps``, and ``kl_baseline`` for KTO),
     with TRL's metric names: ``rewards/chosen`` and ``rewards/rejected`` are the mean
     ``β·(log π − log π_ref)`` of the desirable and undesirable examples, ``rewards/margins``
-    their difference, ``kl`` the baseline."""
+    their difference, ``kl`` the baseline. ``logps``: the completions' log-prob sums under
+    ``params`` when the caller has them already (one forward pass, not two)."""
     name = _loss_name(config)
-    logps = completion_logps(model, params, batch)
+    if logps is None:
+        logps = completion_logps(model, params, batch)
     ref = jax.lax.stop_gradient(jnp.asarray(batch["ref_logps"], jnp.float32))
     desirable = batch["desirable"] > 0
     if name == "kto":
@@ -92,7 +95,6 @@ def make_unpaired_step(
     name = _loss_name(config)
 
     def prepare(state, batch):
-        policy_kl = None
         if "ref_logps" not in batch:
             batch = {**batch, "ref_logps": completion_logps(model, state.ref_params, batch)}
         if name == "kto":
@@ -101,14 +103,18 @@ def make_unpaired_step(
                          "ref_kl_logps": completion_logps(model, state.ref_params, batch, "kl_")}
             policy_kl = completion_logps(model, state.params, batch, "kl_")
             batch = {**batch, "kl_baseline": L.kto_kl_baseline(policy_kl, batch["ref_kl_logps"])}
-        else:  # BCO: the baseline sees this batch's rewards before the loss does
-            logps = completion_logps(model, state.params, batch)
-            rewards = config.beta * (logps - batch["ref_logps"])
-            state = state.replace(loss_state=L.bco_baseline_update(state.loss_state, rewards))
         return state, batch
 
     def loss_fn(params, state, batch):
-        return unpaired_loss(model, params, batch, config, state.loss_state)
+        if name == "kto":
+            return unpaired_loss(model, params, batch, config, state.loss_state)
+        # BCO: the baseline sees this batch's (gradient-free) rewards before the loss does,
+        # from the same forward pass the loss differentiates
+        logps = completion_logps(model, params, batch)
+        rewards = config.beta * jax.lax.stop_gradient(logps - batch["ref_logps"])
+        baseline = L.bco_baseline_update(state.loss_state, rewards)
+        loss, metrics = unpaired_loss(model, params, batch, config, baseline, logps=logps)
+        return loss, (metrics, baseline)
 
     return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, prepare=prepare,
-                          mesh=mesh, model=model)
+                          mesh=mesh, model=model, carries_loss_state=name == "bco")
