@@ -71,11 +71,7 @@ class _Encoder:
         if isinstance(value, list):
             ids = encode_prompt(self.tokenizer, value, add_bos=self.config.add_bos)
             return self._cut_prompt(ids)
-        ids = self.tokenizer.encode(value)
-        if self.prompt_limit is not None and len(self.bos) + len(ids) > self.prompt_limit:
-            ids = ids[len(ids) - max(self.prompt_limit - len(self.bos), 0):]
-            self.truncated = True
-        return np.asarray(self.bos + ids, dtype=np.int32)
+        return self._cut_prompt(self.bos + self.tokenizer.encode(value))
 
     def _cut_prompt(self, ids: list[int]) -> np.ndarray:
         """An encoded prompt keeping its end within the prompt limit (a leading BOS kept)."""

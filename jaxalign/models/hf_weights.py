@@ -26,6 +26,8 @@ permutation is needed: both sides use the ``rotate_half`` layout.
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 from jaxalign.models.config import TransformerConfig
@@ -56,21 +58,14 @@ class HFTensor(NamedTuple):
 def _linear(name: str, path: tuple[str, ...], shape: tuple[int, ...]) -> HFTensor:
     """A ``[out, in]`` HF weight whose transpose, reshaped, is the kernel of ``shape``."""
     fan_in = shape[0] if len(shape) == 2 or path[-2] != "o_proj" else shape[0] * shape[1]
-    out = int(_prod(shape) // fan_in)
+    out = int(math.prod(shape) // fan_in)
     return HFTensor(name, (out, fan_in), (Part(path, shape, 0, out, "linear"),))
 
 
 def _plain(name: str, path: tuple[str, ...], shape: tuple[int, ...],
            hf_shape: tuple[int, ...] | None = None) -> HFTensor:
-    hf_shape = hf_shape or (int(_prod(shape)),)
+    hf_shape = hf_shape or (int(math.prod(shape)),)
     return HFTensor(name, hf_shape, (Part(path, shape, 0, hf_shape[0], "reshape"),))
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
 
 
 def _fused(name: str, parts: list[tuple[tuple[str, ...], tuple[int, ...]]],
@@ -78,7 +73,7 @@ def _fused(name: str, parts: list[tuple[tuple[str, ...], tuple[int, ...]]],
     """Phi-3's row-concatenated ``qkv_proj`` / ``gate_up_proj``: each part a row range."""
     start, out = 0, []
     for path, shape in parts:
-        rows = _prod(shape) // fan_in
+        rows = math.prod(shape) // fan_in
         out.append(Part(path, shape, start, start + rows, "linear"))
         start += rows
     return HFTensor(name, (start, fan_in), tuple(out))

@@ -45,9 +45,12 @@ def policy_loss_fn(forwards: Any, config: RLHFConfig, separate_value: bool,
         ratio_logps = logps
         if config.importance_sampling_level == "sequence":
             ratio_logps = mb["old_logps"] + sequence_log_ratio(logps, mb["old_logps"], mb["mask"])
+        entropies = entropy(logits)
+        if not config.ent_coef:  # a metric only: no backward pass through a softmax over V
+            entropies = jax.lax.stop_gradient(entropies)
         loss, metrics = ppo_loss(
             ratio_logps, mb["old_logps"], mb["advantages"], values, mb["old_values"],
-            mb["returns"], mb["mask"], entropies=entropy(logits), value_clip=config.value_clip,
+            mb["returns"], mb["mask"], entropies=entropies, value_clip=config.value_clip,
             vf_coef=config.vf_coef if config.uses_critic else 0.0, ent_coef=config.ent_coef,
             dual_clip=config.dual_clip, loss_agg=config.loss_agg, **clip)
         fractions = clip_fractions(ratio_logps, mb["old_logps"], mb["advantages"], mb["mask"],
