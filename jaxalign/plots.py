@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_frontier", "plot_reward_curve"]
+__all__ = ["plot_curves", "plot_frontier", "plot_reward_curve"]
 
 
 def _figure(height: float):
@@ -75,3 +75,23 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str, *,
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
+                baseline: tuple[str, float] | None = None, xlabel: str = "", ylabel: str = "",
+                title: str = "") -> None:
+    """One line per ``{label: (x, y)}`` (markers at the points), an optional horizontal
+    ``(label, value)`` baseline; writes a PNG to ``path``."""
+    fig, ax = _figure(4.0)
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", label=label)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="grey", ls="--", label=baseline[0])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+

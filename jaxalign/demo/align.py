@@ -10,7 +10,6 @@ loss is compiled once with its hyperparameter (β or λ) as a traced argument �
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from jaxalign.demo import task
 from jaxalign.demo.cache import load_params, save_params
 from jaxalign.demo.context import Context, preference_dataset, progress, read_jsonl
 from jaxalign.evaluate import evaluate_policy, mean_and_se
+from jaxalign.feedback import write_jsonl
 from jaxalign.models import RewardModel, ValueModel
 from jaxalign.train.rlhf import RLHFConfig, init_rlhf_state, make_rlhf_step
 from jaxalign.train import (
@@ -145,7 +145,7 @@ def _unpaired_dataset(ctx: Context, out: Path, stage: str):
         records += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
                     {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
     path = out / "unpaired_train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(path, records)
     return load_jsonl(path, ctx.tokenizer, kind="unpaired", config=ctx.data_config())
 
 

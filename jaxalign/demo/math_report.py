@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxalign.plots import plot_curves
+
 __all__ = ["comparison_lines", "pair_bootstrap_ci", "summary", "target_lines", "write_report"]
 
 GAIN_TARGET = 0.30
@@ -87,23 +89,11 @@ def comparison_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, run in report["rl"].items():
-        ax.plot(run["curve"]["iteration"], run["curve"]["heldout_greedy"], marker="o", label=name)
-    ax.axhline(report["heldout"]["sft"]["accuracy"], color="grey", ls="--", label="SFT")
-    ax.set_xlabel("RL iteration")
-    ax.set_ylabel("held-out exact-match accuracy (greedy)")
-    ax.set_title("math demo: verifiable reward only")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves = {name: (run["curve"]["iteration"], run["curve"]["heldout_greedy"])
+              for name, run in report["rl"].items()}
+    plot_curves(curves, path, baseline=("SFT", report["heldout"]["sft"]["accuracy"]),
+                xlabel="RL iteration", ylabel="held-out exact-match accuracy (greedy)",
+                title="math demo: verifiable reward only")
 
 
 def _samples(report: dict[str, Any]) -> list[str]:

@@ -163,9 +163,9 @@ def _worked_pairs(run: _Run) -> list[tuple[int, int]]:
     return [(r["a"], r["b"]) for r in rows if r["split"] != "heldout"]
 
 
-def _documents(run: _Run, rng: np.random.Generator, count: int) -> list[str]:
+def _documents(run: _Run, rng: np.random.Generator, count: int,
+               pairs: list[tuple[int, int]]) -> list[str]:
     cfg = run.config
-    pairs = _worked_pairs(run)
     return [math_task.pretraining_document(rng, pairs, max_operand=cfg.max_operand,
                                            worked_share=cfg.pretrain_worked_share)
             for _ in range(count)]
@@ -174,7 +174,7 @@ def _documents(run: _Run, rng: np.random.Generator, count: int) -> list[str]:
 def stage_tokenizer(run: _Run, out: Path) -> dict[str, Any]:
     cfg = run.config
     data = run.out / "data"
-    texts = _documents(run, np.random.default_rng(cfg.seed + 4), 2000)
+    texts = _documents(run, np.random.default_rng(cfg.seed + 4), 2000, _worked_pairs(run))
     texts += [r["prompt"] + r["completion"] for r in read_jsonl(data / "sft.jsonl")]
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     tokenizer.save(out / "tokenizer")
@@ -225,7 +225,8 @@ def stage_pretrain(run: _Run, out: Path) -> dict[str, Any]:
     """Next-token prediction on fresh pretraining documents every step."""
     cfg = run.config
     rng = np.random.default_rng(cfg.seed + 5)
-    batches = (_batch(run, _documents(run, rng, cfg.pretrain_batch))
+    pairs = _worked_pairs(run)  # read once, not once per step
+    batches = (_batch(run, _documents(run, rng, cfg.pretrain_batch, pairs))
                for _ in itertools.repeat(None))
     params, losses = _train(run, init_params(run.model, jax.random.key(cfg.seed)), batches,
                             steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, desc="math: pretrain")
