@@ -163,14 +163,19 @@ class Tokenizer:
         vocab_size: int,
         min_frequency: int = 2,
         special_tokens: Sequence[str] = ("<pad>", "<bos>", "<eos>"),
+        split_digits: bool = False,
     ) -> Tokenizer:
         """Trains a byte-level BPE (GPT-2 style): any text round-trips exactly, no `<unk>`.
 
         Special tokens get the first ids, in the order given (`<pad>`=0, `<bos>`=1, `<eos>`=2
-        by default). `vocab_size` counts them and the 256 byte symbols.
+        by default). `vocab_size` counts them and the 256 byte symbols. `split_digits` makes
+        every digit a token of its own (numbers stay spelt out, as Llama's tokenizers do).
         """
         backend = tokenizers.Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.pre_tokenizer = (pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits else byte_level)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -33,8 +33,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tokenizers
-from tokenizers import decoders, models as tokenizer_models, pre_tokenizers, trainers
 
 from jaxalign import rewards
 from jaxalign.demo import math_report, math_task
@@ -146,15 +144,7 @@ def stage_data(run: _Run, out: Path) -> dict[str, Any]:
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE in which every digit is a token of its own (numbers stay spelt out)."""
-    backend = tokenizers.Tokenizer(tokenizer_models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return Tokenizer(backend)
+    return Tokenizer.train_bpe(texts, vocab_size=vocab_size, split_digits=True)
 
 
 def _worked_pairs(run: _Run) -> list[tuple[int, int]]:
