@@ -19,10 +19,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import spawn_worker  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
              num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
@@ -79,15 +81,6 @@ def _worker(library: str, path: str, dtype: str) -> dict:
             "target_mb": target / 2**20, "ratio": (peak - before) * 1024 / target}
 
 
-def _spawn(library: str, path: str, dtype: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", library, path, dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"worker failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1])
-
-
 def _build(root: str) -> dict[str, str]:
     """Saves the checkpoint in float32, bfloat16 and float32 shards; returns their dirs."""
     import torch
@@ -117,7 +110,7 @@ def main() -> None:
     rows = []
     for library, cases in (("jaxalign", CASES), ("transformers", TORCH_CASES)):
         for checkpoint, dtype in cases:
-            result = _spawn(library, paths[checkpoint], dtype)
+            result = spawn_worker(__file__, library, paths[checkpoint], dtype)
             rows.append({"library": library, "checkpoint": checkpoint, "dtype": dtype, **result})
     if not args.json:
         print(f"{rows[0]['params'] / 1e6:.1f}M-parameter Llama checkpoint, peak host memory of"
