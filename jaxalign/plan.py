@@ -268,7 +268,12 @@ def compiled_costs(compiled: Any, *, unknown_trip_count: int = 1) -> CompiledCos
 
 def parameter_count(config: TransformerConfig, *, lm_head: bool = True) -> int:
     """Parameters of a Llama/Qwen2-layout :class:`~jaxalign.models.CausalLM` (biases on q/k/v
-    only; ``lm_head=False``: without the output projection), counted from the shapes."""
+    only; ``lm_head=False``: without the output projection), counted from the shapes. Other
+    layouts raise rather than give a wrong count."""
+    other = [name for name in ("o_bias", "mlp_bias", "qk_norm", "post_norms")
+             if getattr(config, name)]
+    if other:
+        raise ValueError(f"parameter_count covers the Llama/Qwen2 layout; this config sets {other}")
     d, hd = config.d_model, config.resolved_head_dim
     attention = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
     if config.qkv_bias:
