@@ -1,0 +1,264 @@
+"""Token log-probs (and entropies) straight from hidden states, chunk by chunk, never ``[N, V]``.
+
+A language model's loss reads ``log softmax(x)[y]`` (and sometimes the entropy of
+``softmax(x)``) where ``x = s · cap(h W)`` are the logits of hidden state ``h`` under the head
+``W [D, V]``, ``cap(z) = c·tanh(z/c)`` is Gemma 2's final-logit soft-cap and ``s`` a logit
+scale (``1/temperature``). Built densely, the logits of ``N`` tokens are an ``[N, V]`` float32
+array (2 GiB for 4k tokens at V = 131k), and autodiff keeps it, its softmax and their
+cotangents alive. :func:`token_logprobs_from_hidden` is a ``jax.custom_vjp`` that instead:
+
+* forward: per chunk of ``C`` tokens computes the ``[C, V]`` logits (float32 accumulation, bf16
+  inputs allowed), their logsumexp, the target's logit and the entropy ``H = lse − E_p[x]``; if
+  ``[C, V]`` would still be large it also walks the vocabulary in chunks of ``Vc`` with an
+  online (running-max) logsumexp. It keeps only ``lse`` and ``E_p[x]`` per token.
+* backward: recomputes each chunk's logits and forms ``∂/∂x = g_lp·(onehot(y) − p) −
+  g_H·p·(x − E_p[x])`` (times ``s·(1 − tanh²(z/c))`` through the cap), then
+  ``∂h = ∂z Wᵀ`` and ``∂W += hᵀ ∂z`` chunk by chunk (``∂W`` accumulates in float32).
+
+Chunks whose tokens are all masked are skipped (``lax.cond``), so targets sorted valid-first
+cost only the valid chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["DEFAULT_LOGPROB_CHUNK", "MAX_CHUNK_LOGITS", "token_logprobs_from_hidden"]
+
+DEFAULT_LOGPROB_CHUNK = 1024
+"""Tokens per chunk by default (measured on CPU; see README "Chunked log-probs")."""
+MAX_CHUNK_LOGITS = 1 << 23
+"""The vocabulary is split once one token chunk's logits would exceed this many floats (32 MiB)."""
+
+
+class _Spec(NamedTuple):
+    chunk: int  # tokens per chunk C
+    vocab: int  # V
+    vocab_chunk: int  # Vc (== V: one vocabulary chunk)
+    soft_cap: float | None
+    scale: float
+    with_entropy: bool
+    vocab_axis: int  # weight's vocabulary axis: 1 for [D, V], 0 for [V, D] (tied embedding)
+
+    @property
+    def vocab_chunks(self) -> int:
+        return -(-self.vocab // self.vocab_chunk)
+
+
+def _vocab_slice(spec: _Spec, weight: jax.Array, k: jax.Array | int):
+    """``(weight columns [start, start + Vc), start, fresh [Vc])``. The last slice is shifted
+    left to stay inside V; its columns already seen (``fresh`` false) are masked by callers."""
+    if spec.vocab_chunks == 1:
+        return weight, 0, None
+    start = jnp.minimum(k * spec.vocab_chunk, spec.vocab - spec.vocab_chunk)
+    fresh = start + jnp.arange(spec.vocab_chunk) >= k * spec.vocab_chunk
+    return jax.lax.dynamic_slice_in_dim(weight, start, spec.vocab_chunk, spec.vocab_axis), start, fresh
+
+
+def _raw_logits(spec: _Spec, hidden: jax.Array, weight: jax.Array) -> jax.Array:
+    pattern = "cd,dv->cv" if spec.vocab_axis == 1 else "cd,vd->cv"
+    return jnp.einsum(pattern, hidden, weight, preferred_element_type=jnp.float32)
+
+
+def _capped(spec: _Spec, raw: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x = s·cap(z), ∂x/∂z)``."""
+    if spec.soft_cap is None:
+        return spec.scale * raw, jnp.full((), spec.scale, jnp.float32)
+    squashed = jnp.tanh(raw / spec.soft_cap)
+    return spec.scale * spec.soft_cap * squashed, spec.scale * (1.0 - squashed * squashed)
+
+
+def _chunk_forward(spec: _Spec, weight: jax.Array, hidden: jax.Array, targets: jax.Array):
+    """``(target logit, lse, E_p[x])`` ``[C]`` each for one token chunk (online over V)."""
+    rows = hidden.shape[0]
+
+    def vocab_step(carry, k):
+        top, total, weighted, picked = carry
+        w, start, fresh = _vocab_slice(spec, weight, k)
+        x, _ = _capped(spec, _raw_logits(spec, hidden, w))
+        cols = start + jnp.arange(x.shape[1])
+        hit = cols[None, :] == targets[:, None]
+        if fresh is not None:
+            x = jnp.where(fresh[None, :], x, -jnp.inf)
+            hit = hit & fresh[None, :]
+        new_top = jnp.maximum(top, jnp.max(x, axis=1))
+        decay = jnp.exp(top - new_top)
+        e = jnp.exp(x - new_top[:, None])
+        total = total * decay + jnp.sum(e, axis=1)
+        if spec.with_entropy:
+            weighted = weighted * decay + jnp.sum(e * jnp.where(e > 0, x, 0.0), axis=1)
+        picked = picked + jnp.sum(jnp.where(hit, x, 0.0), axis=1)
+        return (new_top, total, weighted, picked), None
+
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32),) + (jnp.zeros((rows,), jnp.float32),) * 3
+    (top, total, weighted, picked), _ = jax.lax.scan(
+        vocab_step, init, jnp.arange(spec.vocab_chunks))
+    lse = top + jnp.log(total)
+    return picked, lse, weighted / total
+
+
+def _chunk_backward(spec: _Spec, weight: jax.Array, grad_w: jax.Array, hidden, targets, lse,
+                    mean_x, g_lp, g_ent):
+    """``(∂hidden [C, D] float32, grad_w + this chunk's ∂W)`` for one token chunk."""
+
+    def vocab_step(carry, k):
+        g_hidden, grad_w = carry
+        w, start, fresh = _vocab_slice(spec, weight, k)
+        x, dx_dz = _capped(spec, _raw_logits(spec, hidden, w))
+        p = jnp.exp(x - lse[:, None])
+        onehot = (start + jnp.arange(x.shape[1]))[None, :] == targets[:, None]
+        g_x = g_lp[:, None] * (onehot - p)
+        if spec.with_entropy:
+            g_x = g_x - g_ent[:, None] * p * (x - mean_x[:, None])
+        g_z = g_x * dx_dz
+        if fresh is not None:
+            g_z = jnp.where(fresh[None, :], g_z, 0.0)
+        g_z_in = g_z.astype(w.dtype)
+        pattern = "cv,dv->cd" if spec.vocab_axis == 1 else "cv,vd->cd"
+        g_hidden = g_hidden + jnp.einsum(pattern, g_z_in, w, preferred_element_type=jnp.float32)
+        pattern = "cd,cv->dv" if spec.vocab_axis == 1 else "cd,cv->vd"
+        delta = jnp.einsum(pattern, hidden.astype(g_z_in.dtype), g_z_in,
+                           preferred_element_type=jnp.float32)
+        if fresh is None:
+            grad_w = grad_w + delta
+        else:
+            axis = spec.vocab_axis
+            old = jax.lax.dynamic_slice_in_dim(grad_w, start, spec.vocab_chunk, axis)
+            grad_w = jax.lax.dynamic_update_slice_in_dim(grad_w, old + delta, start, axis)
+        return (g_hidden, grad_w), None
+
+    init = (jnp.zeros(hidden.shape, jnp.float32), grad_w)
+    (g_hidden, grad_w), _ = jax.lax.scan(vocab_step, init, jnp.arange(spec.vocab_chunks))
+    return g_hidden, grad_w
+
+
+def _chunked(spec: _Spec, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``[N, ...] -> [N / C, C, ...]`` for each array."""
+    return tuple(a.reshape(a.shape[0] // spec.chunk, spec.chunk, *a.shape[1:]) for a in arrays)
+
+
+def _forward(spec: _Spec, hidden, weight, targets, mask):
+    def one(args):
+        h, t, m = args
+        zeros = (jnp.zeros((spec.chunk,), jnp.float32),) * 3
+        return jax.lax.cond(jnp.any(m > 0), lambda: _chunk_forward(spec, weight, h, t),
+                            lambda: zeros)
+
+    picked, lse, mean_x = jax.lax.map(one, _chunked(spec, hidden, targets, mask))
+    picked, lse, mean_x = (a.reshape(-1) for a in (picked, lse, mean_x))
+    keep = mask > 0
+    logps = jnp.where(keep, picked - lse, 0.0)
+    entropy = jnp.where(keep, lse - mean_x, 0.0)
+    return (logps, entropy), (lse, mean_x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _logprobs(spec: _Spec, hidden, weight, targets, mask):
+    return _forward(spec, hidden, weight, targets, mask)[0]
+
+
+def _logprobs_fwd(spec: _Spec, hidden, weight, targets, mask):
+    outputs, (lse, mean_x) = _forward(spec, hidden, weight, targets, mask)
+    return outputs, (hidden, weight, targets, mask, lse, mean_x)
+
+
+def _logprobs_bwd(spec: _Spec, residuals, cotangents):
+    hidden, weight, targets, mask, lse, mean_x = residuals
+    keep = (mask > 0).astype(jnp.float32)
+    g_lp, g_ent = (keep * jnp.asarray(g, jnp.float32) for g in cotangents)
+
+    def one(grad_w, args):
+        h, t, m, l, mx, gl, ge = args
+        zeros = jnp.zeros(h.shape, jnp.float32)
+        return jax.lax.cond(
+            jnp.any(m > 0),
+            lambda: _chunk_backward(spec, weight, grad_w, h, t, l, mx, gl, ge)[::-1],
+            lambda: (grad_w, zeros))
+
+    grad_w, g_hidden = jax.lax.scan(
+        one, jnp.zeros(weight.shape, jnp.float32),
+        _chunked(spec, hidden, targets, mask, lse, mean_x, g_lp, g_ent))
+    g_hidden = g_hidden.reshape(hidden.shape).astype(hidden.dtype)
+    return g_hidden, grad_w.astype(weight.dtype), None, None
+
+
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
+
+
+def _vocab_chunk(vocab: int, chunk: int, vocab_chunk_size: int | None) -> int:
+    if vocab_chunk_size is not None:
+        if vocab_chunk_size < 1:
+            raise ValueError(f"vocab_chunk_size must be at least 1, got {vocab_chunk_size}")
+        return min(vocab_chunk_size, vocab)
+    pieces = math.ceil(chunk * vocab / MAX_CHUNK_LOGITS)
+    return math.ceil(vocab / pieces)
+
+
+def token_logprobs_from_hidden(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    targets: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    with_entropy: bool = False,
+    soft_cap: float | None = None,
+    logit_scale: float = 1.0,
+    weight_layout: str = "dv",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``log softmax(x)[targets]`` (and ``H(softmax(x))``) for ``x = s·cap(hidden @ W)``.
+
+    ``cap(z) = c·tanh(z/c)`` with ``c = soft_cap`` (none: identity), ``s = logit_scale``. The
+    same numbers as building the logits densely (float32, to rounding), without ``[N, V]``
+    in the forward or the backward pass; differentiable in ``hidden`` and ``weight``.
+
+    Args:
+      hidden: ``[..., D]`` hidden states (bf16 or float32; the matmul accumulates in float32).
+      weight: ``[D, V]`` head kernel (``weight_layout="dv"``) or ``[V, D]`` (``"vd"``, a tied
+        embedding, used without a transposed copy).
+      targets: ``[...]`` int token ids predicted from each hidden state.
+      mask: ``[...]``; positions with ``mask <= 0`` give 0 and no gradient (default all ones).
+      chunk_size: tokens per chunk (default :data:`DEFAULT_LOGPROB_CHUNK`); need not divide N.
+      vocab_chunk_size: vocabulary columns per chunk (default: all of V unless
+        ``chunk_size·V`` exceeds :data:`MAX_CHUNK_LOGITS`); need not divide V.
+      with_entropy: also return the entropy of each position's softmax.
+
+    Returns:
+      ``[...]`` float32 log-probs, or ``(log-probs, entropies)`` with ``with_entropy``.
+    """
+    hidden, weight, targets = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(targets)
+    if weight_layout not in ("dv", "vd") or weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D with weight_layout 'dv' or 'vd'; got shape "
+                         f"{weight.shape} and weight_layout={weight_layout!r}")
+    vocab_axis = 1 if weight_layout == "dv" else 0
+    if hidden.shape[-1:] != (weight.shape[1 - vocab_axis],) or targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"hidden [..., D], weight ({weight_layout}) and targets [...] disagree:"
+                         f" hidden {hidden.shape}, weight {weight.shape}, targets {targets.shape}")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else jnp.asarray(mask)
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask has shape {mask.shape}; expected targets' shape {targets.shape}")
+    chunk = DEFAULT_LOGPROB_CHUNK if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    lead, n = targets.shape, math.prod(targets.shape)
+    if n == 0:
+        empty = jnp.zeros(lead, jnp.float32)
+        return (empty, empty) if with_entropy else empty
+    chunk = min(chunk, n)
+    vocab = weight.shape[vocab_axis]
+    spec = _Spec(chunk, vocab, _vocab_chunk(vocab, chunk, vocab_chunk_size),
+                 None if soft_cap is None else float(soft_cap), float(logit_scale),
+                 bool(with_entropy), vocab_axis)
+    pad = -n % chunk
+    flat = lambda a, *tail: jnp.pad(a.reshape(n, *tail), ((0, pad),) + ((0, 0),) * len(tail))  # noqa: E731
+    logps, entropy = _logprobs(spec, flat(hidden, hidden.shape[-1]), weight,
+                               flat(targets.astype(jnp.int32)), flat(mask.astype(jnp.float32)))
+    logps, entropy = logps[:n].reshape(lead), entropy[:n].reshape(lead)
+    return (logps, entropy) if with_entropy else logps
