@@ -9,10 +9,13 @@ the tokens, the same ``completion_mask`` that marks completion tokens selects th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxalign.chunked_logprobs import token_logprobs_from_hidden
 from jaxalign.masking import masked_mean, masked_sum
 
 
@@ -97,3 +100,112 @@ def sequence_logprobs(
     if average:
         return masked_mean(per_token, mask, axis=-1)
     return masked_sum(per_token, mask, axis=-1)
+
+
+# --- log-probs at chosen positions, from hidden states (the head never sees the others) -----
+
+
+class HeadWeight(NamedTuple):
+    """An LM head as :func:`token_logprobs_from_hidden` reads it: ``weight`` ``[D, V]``
+    (``layout="dv"``) or a tied embedding ``[V, D]`` (``"vd"``), and the final soft-cap."""
+
+    weight: jax.Array
+    layout: str = "dv"
+    soft_cap: float | None = None
+
+
+class HeadTargets(NamedTuple):
+    """Which positions reach the LM head, ``[rows, K]`` each (a batch's ``target_source``,
+    ``target_token`` and ``target_group``).
+
+    ``source``: the slot whose hidden state predicts the token; ``token``: the predicted id;
+    ``group``: the sequence its log-prob adds into, ``-1`` for an unused slot.
+    """
+
+    source: jax.Array
+    token: jax.Array
+    group: jax.Array
+
+
+def targets_from_completion_mask(
+    tokens: ArrayLike, completion_mask: ArrayLike, *, row_groups: ArrayLike | None = None
+) -> HeadTargets:
+    """The :class:`HeadTargets` of a right- or left-padded batch: slot ``t ≥ 1`` with
+    ``completion_mask[b, t] > 0`` is predicted from slot ``t − 1`` into group ``row_groups[b]``
+    (default ``b``). ``K = T − 1``; slots outside the completion get group ``-1``.
+
+    Args:
+      tokens: ``[B, T]`` ids.
+      completion_mask: ``[B, T]``, 1 on the tokens whose log-probs a loss reads.
+      row_groups: ``[B]`` int group of each row.
+
+    Returns:
+      :class:`HeadTargets` of shape ``[B, T − 1]``.
+    """
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(completion_mask)
+    if tokens.ndim != 2 or mask.shape != tokens.shape:
+        raise ValueError(f"tokens and completion_mask must both be [B, T]; got {tokens.shape}"
+                         f" and {mask.shape}")
+    rows, length = tokens.shape
+    groups = (jnp.arange(rows, dtype=jnp.int32) if row_groups is None
+              else jnp.asarray(row_groups, jnp.int32))
+    source = jnp.broadcast_to(jnp.arange(length - 1, dtype=jnp.int32), (rows, length - 1))
+    group = jnp.where(mask[:, 1:] > 0, groups[:, None], -1)
+    return HeadTargets(source, tokens[:, 1:].astype(jnp.int32), group.astype(jnp.int32))
+
+
+def logprobs_at(
+    hidden: ArrayLike,
+    head: HeadWeight,
+    source: ArrayLike,
+    token: ArrayLike,
+    valid: ArrayLike,
+    *,
+    chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    with_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``log p(token[r, k] | hidden[r, source[r, k]])`` ``[R, K]`` (0 where not ``valid``).
+
+    Only the gathered positions reach the head, valid ones first, so chunks holding only
+    invalid slots are skipped (:func:`token_logprobs_from_hidden`).
+
+    Args:
+      hidden: ``[R, T, D]`` final hidden states.
+      head: the :class:`HeadWeight` (e.g. ``model.apply(..., method="head")``).
+      source: ``[R, K]`` int slots of ``hidden`` to read.
+      token: ``[R, K]`` int predicted ids.
+      valid: ``[R, K]`` bool (or > 0) slots that count.
+      logit_scale: multiplies the (soft-capped) logits, e.g. ``1 / temperature``.
+      with_entropy: also return each position's entropy ``[R, K]``.
+    """
+    hidden, source, token = jnp.asarray(hidden), jnp.asarray(source), jnp.asarray(token)
+    valid = jnp.asarray(valid) > 0
+    if hidden.ndim != 3 or source.ndim != 2 or source.shape[0] != hidden.shape[0] or (
+            token.shape != source.shape or valid.shape != source.shape):
+        raise ValueError(f"hidden must be [R, T, D] and source/token/valid [R, K]; got hidden "
+                         f"{hidden.shape}, source {source.shape}, token {token.shape}, valid "
+                         f"{valid.shape}")
+    rows, length, width = hidden.shape
+    flat_source = (jnp.arange(rows, dtype=jnp.int32)[:, None] * length + source).reshape(-1)
+    order = jnp.argsort(~valid.reshape(-1), stable=True)  # valid slots first
+    picked = jnp.take(hidden.reshape(rows * length, width), flat_source[order], axis=0)
+    outputs = token_logprobs_from_hidden(
+        picked, head.weight, token.reshape(-1)[order], valid.reshape(-1)[order],
+        chunk_size=chunk_size, with_entropy=with_entropy, soft_cap=head.soft_cap,
+        logit_scale=logit_scale, weight_layout=head.layout)
+    unsort = lambda x: jnp.zeros_like(x).at[order].set(x).reshape(source.shape)  # noqa: E731
+    return tuple(map(unsort, outputs)) if with_entropy else unsort(outputs)
+
+
+def group_sums(values: ArrayLike, group: ArrayLike, num_groups: int) -> jax.Array:
+    """``out[g] = Σ values[group == g]`` ``[num_groups]`` float32; ``group = -1`` is ignored.
+
+    ``num_groups`` is static (a batch's pair or sequence capacity), so shapes never depend on
+    the data.
+    """
+    values, group = jnp.asarray(values, jnp.float32), jnp.asarray(group, jnp.int32)
+    if values.shape != group.shape:
+        raise ValueError(f"values {values.shape} and group {group.shape} must have one shape")
+    ids = jnp.where((group >= 0) & (group < num_groups), group, num_groups).reshape(-1)
+    return jax.ops.segment_sum(values.reshape(-1), ids, num_segments=num_groups + 1)[:num_groups]

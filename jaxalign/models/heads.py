@@ -28,10 +28,18 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxalign.logprobs import HeadWeight
 from jaxalign.models.attention import soft_cap
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.layers import logical_param
 from jaxalign.models.transformer import KVCache, Transformer
+
+
+def _trunk(trunk: Transformer, tokens, attention_mask, cache, layout):
+    """``trunk(tokens, attention_mask, cache)``, with ``layout=`` only when one is given."""
+    if layout is None:
+        return trunk(tokens, attention_mask, cache)
+    return trunk(tokens, attention_mask, cache, layout=layout)
 
 
 class LMHead(nn.Module):
@@ -89,8 +97,25 @@ class CausalLM(nn.Module):
             logits = self.lm_head(hidden)
         return soft_cap(logits, self.config.final_logit_softcap)
 
-    def __call__(self, tokens, attention_mask=None, cache: KVCache | None = None):
-        hidden, new_cache = self.trunk(tokens, attention_mask, cache)
+    def head(self) -> HeadWeight:
+        """The LM head as the chunked log-probs read it (``apply(..., method="head")``): the
+        kernel ``[D, V]``, or the tied embedding ``[V, D]``, in ``config.dtype``, and the
+        final soft-cap."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            weight, layout = self.trunk.embedding, "vd"
+        else:
+            weight, layout = self.lm_head.variables["params"]["kernel"], "dv"
+        return HeadWeight(jnp.asarray(weight).astype(cfg.dtype), layout,
+                          cfg.final_logit_softcap)
+
+    def hidden(self, tokens, attention_mask=None, layout=None) -> jax.Array:
+        """The trunk's final-norm hidden states ``[B, T, D]`` float32 (no LM head);
+        ``apply(..., method="hidden")``. ``layout``: a packed batch's sequence layout."""
+        return _trunk(self.trunk, tokens, attention_mask, None, layout)[0]
+
+    def __call__(self, tokens, attention_mask=None, cache: KVCache | None = None, layout=None):
+        hidden, new_cache = _trunk(self.trunk, tokens, attention_mask, cache, layout)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
@@ -165,8 +190,8 @@ class CausalLMWithValueHead(CausalLM):
         super().setup()
         self.value_head = ScalarHead(self.config)
 
-    def __call__(self, tokens, attention_mask=None, cache: KVCache | None = None):
-        hidden, new_cache = self.trunk(tokens, attention_mask, cache)
+    def __call__(self, tokens, attention_mask=None, cache: KVCache | None = None, layout=None):
+        hidden, new_cache = _trunk(self.trunk, tokens, attention_mask, cache, layout)
         logits = self.logits(hidden)
         values = self.value_head(hidden)
         return (logits, values) if cache is None else (logits, values, new_cache)
