@@ -15,15 +15,19 @@ _MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_h
                  "resolved_head_dim", "max_len", "norm_eps", "rope_theta")
 
 
-def bench_config():
-    """The ``bench`` model preset. In a worker it is read from the environment its parent set,
-    so a PyTorch worker never imports JAX and its peak memory is PyTorch's alone."""
+def bench_config(vocab_size: int | None = None):
+    """The ``bench`` model preset (with ``vocab_size`` if given). In a worker it is read from the
+    environment its parent set, so a PyTorch worker never imports JAX and its peak memory is
+    PyTorch's alone."""
     text = os.environ.get(_MODEL_ENV)
     if text:
-        return types.SimpleNamespace(**json.loads(text))
+        fields = json.loads(text)
+        if vocab_size is not None:
+            fields["vocab_size"] = vocab_size
+        return types.SimpleNamespace(**fields)
     from jaxalign.models import get_config
 
-    return get_config("bench")
+    return get_config("bench", **({} if vocab_size is None else {"vocab_size": vocab_size}))
 
 
 def jax_bench_config(**overrides):
@@ -57,6 +61,32 @@ def forward_flops(cfg, tokens: int, context: int) -> float:
 def peak_rss_mb() -> float:
     """This process's peak resident memory (``ru_maxrss``) in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (``VmRSS``) in MiB (Linux)."""
+    return _proc_status_mb("VmRSS")
+
+
+def high_water_mb() -> float:
+    """This process's peak resident memory since start or the last :func:`reset_high_water`
+    (``VmHWM``) in MiB (Linux)."""
+    return _proc_status_mb("VmHWM")
+
+
+def reset_high_water() -> None:
+    """Resets the peak resident memory ``VmHWM`` to the current RSS (Linux >= 4.0,
+    ``/proc/self/clear_refs``), so a later :func:`high_water_mb` covers only what ran since."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def matmul_peak_gflops(repeats: int = 10, n: int = 2048, dtype: str = "float32") -> dict:

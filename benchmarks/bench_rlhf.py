@@ -1,13 +1,16 @@
 """Seconds per RLHF (PPO) iteration: jaxalign's one compiled step vs the same iteration done the
 way TRL does it in PyTorch + transformers, and the roofline of this machine.
 
-`bench` config for policy, reference, value and reward models; 16 prompts x 32 tokens, 64 new
-tokens sampled at temperature 1; 2 PPO epochs x 2 minibatches. Each side runs in a fresh
+`bench` config for policy, reference, value and reward models (its 4,096-token vocabulary, or
+``--vocab``); 16 prompts x 32 tokens, 64 new tokens sampled at temperature 1; 2 PPO epochs x 2
+minibatches. Each side runs in a fresh
 subprocess so its peak resident memory belongs to it alone. The roofline is the iteration's
 model FLOPs divided by a 2048^2 float32 matmul's FLOP/s measured in the same run: the fastest
-this iteration could possibly run here.
+this iteration could possibly run here. Memory: the peak RSS of each process, and that peak
+minus the RSS once its models and optimiser exist (the iterations' own memory; jaxalign's
+includes XLA compiling the step).
 
-    python benchmarks/bench_rlhf.py [--iterations 5] [--json]
+    python benchmarks/bench_rlhf.py [--iterations 5] [--vocab 32768] [--json]
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    bench_config, forward_flops as _forward_flops, jax_bench_config, llama_config,
-    matmul_peak_gflops, peak_rss_mb, spawn_worker,
+    bench_config as _bench_config, forward_flops as _forward_flops, jax_bench_config,
+    llama_config, matmul_peak_gflops, peak_rss_mb, rss_mb, spawn_worker,
 )
 
 BATCH, PROMPT, NEW = 16, 32, 64
 EPOCHS, MINIBATCHES = 2, 2
 THREADS = 2
+VOCAB: int | None = None  # --vocab: None keeps the bench preset's
+
+
+def bench_config():
+    return _bench_config(VOCAB)
 
 
 def forward_flops(tokens: int, context: int) -> float:
@@ -58,7 +66,7 @@ def worker_jax(iterations: int) -> dict:
     from jaxalign.models import CausalLM, RewardModel, ValueModel, init_params
     from jaxalign.sampling import make_generate
 
-    cfg = jax_bench_config()
+    cfg = jax_bench_config(**({} if VOCAB is None else {"vocab_size": VOCAB}))
     policy, value, reward = CausalLM(cfg), ValueModel(cfg), RewardModel(cfg)
     config = rlhf.RLHFConfig(max_new_tokens=NEW, temperature=1.0, ppo_epochs=EPOCHS,
                              num_minibatches=MINIBATCHES, kl_coef=0.05)
@@ -71,6 +79,8 @@ def worker_jax(iterations: int) -> dict:
                                value_optimizer=opt)
     ids, mask = _prompts()
     prompts = jax.device_put({"prompt_ids": ids, "prompt_mask": mask})
+    jax.block_until_ready((state, prompts))
+    base = rss_mb()
 
     start = time.perf_counter()
     state, metrics = step(state, prompts, jax.random.key(0))
@@ -94,7 +104,7 @@ def worker_jax(iterations: int) -> dict:
         sample_times.append(time.perf_counter() - start)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {"iteration_s": median(times), "sample_s": median(sample_times),
-            "compile_s": compile_s, "peak_rss_mb": rss,
+            "compile_s": compile_s, "peak_rss_mb": rss, "base_rss_mb": base,
             "response_length": float(metrics["response_length"])}
 
 
@@ -128,6 +138,7 @@ def worker_torch(iterations: int) -> dict:
     ids_np, mask_np = _prompts()
     prompt = torch.from_numpy(ids_np).long()
     prompt_mask = torch.from_numpy(mask_np).long()
+    base = rss_mb()
 
     def logprobs_of(model, ids, attn):
         logits = model(input_ids=ids, attention_mask=attn).logits[:, PROMPT - 1:-1].float()
@@ -183,19 +194,24 @@ def worker_torch(iterations: int) -> dict:
     runs = [iteration() for _ in range(iterations)]
     median = lambda key: sorted(r[key] for r in runs)[len(runs) // 2]  # noqa: E731
     return {"iteration_s": median("iteration_s"), "sample_s": median("sample_s"),
-            "compile_s": first["iteration_s"] - median("iteration_s"), "peak_rss_mb": peak_rss_mb()}
+            "compile_s": first["iteration_s"] - median("iteration_s"), "peak_rss_mb": peak_rss_mb(),
+            "base_rss_mb": base}
 
 
 def _spawn(name: str, iterations: int) -> dict:
-    return spawn_worker(os.path.abspath(__file__), name, "--iterations", str(iterations))
+    vocab = () if VOCAB is None else ("--vocab", str(VOCAB))
+    return spawn_worker(os.path.abspath(__file__), name, "--iterations", str(iterations), *vocab)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per side")
+    parser.add_argument("--vocab", type=int, help="vocabulary size (default: the bench preset's)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global VOCAB
+    VOCAB = args.vocab
     if args.worker:
         fn = {"jax": worker_jax, "torch": worker_torch, "matmul": lambda n: matmul_peak_gflops()}[args.worker]
         print(json.dumps(fn(args.iterations)))
@@ -221,7 +237,10 @@ def main(argv=None) -> None:
         "roofline_ratio": round(jax_r["iteration_s"] / roofline_s, 3),
         "matmul_peak_gflops": round(peak, 1),
         "peak_rss_mb": round(jax_r["peak_rss_mb"], 1),
+        "step_mb": round(jax_r["peak_rss_mb"] - jax_r["base_rss_mb"], 1),
     }
+    if VOCAB is not None:
+        summary["vocab"] = VOCAB
     if torch_r:
         summary.update({
             "torch_iteration_s": round(torch_r["iteration_s"], 4),
@@ -229,22 +248,26 @@ def main(argv=None) -> None:
             "ratio_vs_torch": round(torch_r["iteration_s"] / jax_r["iteration_s"], 3),
             "torch_peak_rss_mb": round(torch_r["peak_rss_mb"], 1),
             "rss_ratio_vs_torch": round(jax_r["peak_rss_mb"] / torch_r["peak_rss_mb"], 3),
+            "torch_step_mb": round(torch_r["peak_rss_mb"] - torch_r["base_rss_mb"], 1),
         })
+        summary["step_mb_ratio_vs_torch"] = round(summary["step_mb"] / summary["torch_step_mb"], 3)
     if not args.json:
-        print(f"bench config x4 models, {BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, "
+        print(f"bench config (vocab {bench_config().vocab_size}) x4 models, {BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, "
               f"{EPOCHS} epochs x {MINIBATCHES} minibatches; matmul peak {peak:.1f} GFLOP/s; "
               f"iteration {flops['total'] / 1e9:.0f} GFLOP")
-        print(f"{'':<12}{'iteration s':>12}{'sample s':>10}{'update s':>10}{'compile s':>11}{'peak RSS MB':>13}")
+        print(f"{'':<12}{'iteration s':>12}{'sample s':>10}{'update s':>10}{'compile s':>11}{'peak RSS MB':>13}{'step MB':>9}")
         print(f"{'jaxalign':<12}{jax_r['iteration_s']:>12.3f}{jax_r['sample_s']:>10.3f}"
-              f"{summary['update_s']:>10.3f}{jax_r['compile_s']:>11.2f}{jax_r['peak_rss_mb']:>13.0f}")
+              f"{summary['update_s']:>10.3f}{jax_r['compile_s']:>11.2f}{jax_r['peak_rss_mb']:>13.0f}"
+              f"{summary['step_mb']:>9.0f}")
         if torch_r:
             print(f"{'pytorch':<12}{torch_r['iteration_s']:>12.3f}{torch_r['sample_s']:>10.3f}"
                   f"{torch_r['iteration_s'] - torch_r['sample_s']:>10.3f}{torch_r['compile_s']:>11.2f}"
-                  f"{torch_r['peak_rss_mb']:>13.0f}")
+                  f"{torch_r['peak_rss_mb']:>13.0f}{summary['torch_step_mb']:>9.0f}")
         print(f"{'roofline':<12}{roofline_s:>12.3f}")
         if torch_r:
             print(f"speed-up vs PyTorch loop: {summary['ratio_vs_torch']:.2f}x; iteration / roofline: "
-                  f"{summary['roofline_ratio']:.2f}x; peak RSS ratio {summary['rss_ratio_vs_torch']:.2f}x")
+                  f"{summary['roofline_ratio']:.2f}x; peak RSS ratio {summary['rss_ratio_vs_torch']:.2f}x"
+                  f" (above the models and optimiser: {summary['step_mb_ratio_vs_torch']:.2f}x)")
     print(json.dumps(summary))
 
 
