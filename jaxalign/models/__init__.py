@@ -18,6 +18,7 @@ from jaxalign.models.hf import FAMILIES, load_hf, read_hf_config, save_hf
 from jaxalign.models.transformer import (
     LOGICAL_AXIS_NAMES,
     KVCache,
+    SequenceLayout,
     Transformer,
     init_cache,
     positions_from_mask,
@@ -34,6 +35,7 @@ __all__ = [
     "ComputeConfig",
     "KVCache",
     "RewardModel",
+    "SequenceLayout",
     "Transformer",
     "TransformerConfig",
     "ValueModel",

@@ -18,7 +18,7 @@ from jaxalign.models.config import TransformerConfig
 from jaxalign.models.layers import Projection, RMSNorm, einsum_f32
 from jaxalign.models.rope import apply_rotary
 
-__all__ = ["MASKED_SCORE", "Attention", "soft_cap"]
+__all__ = ["MASKED_SCORE", "Attention", "resolve_attention", "soft_cap"]
 
 MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
@@ -52,6 +52,14 @@ def _project(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     _, heads, head_dim = kernel.shape
     out = einsum_f32("nd,df->nf", x.reshape(batch * length, d), kernel.reshape(d, -1), dtype)
     return out.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
+
+
+def resolve_attention(config: TransformerConfig, length: int, *, cached: bool) -> str:
+    """Which attention a call of ``length`` query slots runs: ``"dense"`` (scores
+    ``[B, H, T, S]``) or ``"blockwise"`` (:mod:`jaxalign.models.blockwise`). Decoding with a
+    KV cache always runs dense (its queries are few)."""
+    del config, length, cached
+    return "dense"
 
 
 class Attention(nn.Module):
@@ -89,10 +97,12 @@ class Attention(nn.Module):
         return q, k, v
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, layer_cache, index):
+    def __call__(self, x, cos, sin, allowed, layer_cache, index, layout=None, window=None):
         """Args: ``x [B, T, D]``, ``cos, sin [B, T, R]``, ``allowed [B, T, S]`` bool,
         ``layer_cache`` ``(keys, values)`` each ``[B, Hkv, S, Dh]`` or ``None`` (then ``S = T``),
-        ``index`` ``[]`` slot of the first new token. Returns ``(out [B, T, D], layer_cache)``."""
+        ``index`` ``[]`` slot of the first new token; ``layout`` (a ``SequenceLayout``) and
+        ``window`` replace ``allowed`` (then ``None``) under blockwise attention.
+        Returns ``(out [B, T, D], layer_cache)``."""
         cfg = self.config
         heads, kv_heads, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         batch, length, d = x.shape

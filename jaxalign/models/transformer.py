@@ -17,12 +17,20 @@ Conventions:
 * Parameters carry logical axis names (:data:`LOGICAL_AXIS_NAMES`) through
   ``nn.with_logical_partitioning``; ``model.init`` returns them boxed, ``nn.meta.unbox`` (or
   :func:`jaxalign.models.init_params`) strips the boxes, ``nn.get_partition_spec`` reads them.
+* Packed rows (several sequences per row, or ``[prompt | chosen | rejected]``) pass a
+  :class:`SequenceLayout` (``layout=``): positions, segment and branch ids give the rotary
+  positions and the attention rule (:mod:`jaxalign.models.layout`); sliding windows then count
+  position differences.
+* ``config.attention_impl`` picks dense attention (a ``[B, H, T, S]`` score tensor), the
+  blockwise online-softmax kernel (:mod:`jaxalign.models.blockwise`, no ``T × T`` tensor) or,
+  on GPU, cuDNN's fused attention (:func:`jaxalign.models.attention.resolve_attention`).
 * Decoding uses an explicit :class:`KVCache` pytree passed in and returned (no mutable flax
   collections): ``logits, cache = model.apply(variables, tokens, mask, cache=cache)``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -31,13 +39,15 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxalign.models.attention import Attention
+from jaxalign.models.attention import Attention, resolve_attention
 from jaxalign.models.config import REMAT_POLICIES, TransformerConfig
 from jaxalign.models.layers import MLP, RMSNorm, logical_param
+from jaxalign.models.layout import SequenceLayout, allowed_mask, check_layout, layout_from_mask
 from jaxalign.models.rope import rotary_tables
 
-__all__ = ["LOGICAL_AXIS_NAMES", "KVCache", "Transformer", "init_cache", "logical_param",
-           "positions_from_mask", "stack_layer_params", "unstack_layer_params"]
+__all__ = ["LOGICAL_AXIS_NAMES", "KVCache", "SequenceLayout", "Transformer", "init_cache",
+           "logical_param", "positions_from_mask", "stack_layer_params",
+           "unstack_layer_params"]
 
 #: Every logical axis name a parameter can carry; a sharding rules table maps these to mesh axes.
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers")
@@ -98,25 +108,39 @@ def positions_from_mask(attention_mask: ArrayLike, offset: ArrayLike = 0) -> jax
 class LayerInputs(NamedTuple):
     """What every block reads besides its input: the rotary tables ``[B, T, R]`` and attention
     mask ``[B, T, S]`` of the global layers, and of the sliding layers (``local_*``; ``None``
-    when every layer is global)."""
+    when every layer is global). Under blockwise attention the masks are ``None`` and
+    ``layout`` (the rule's per-slot inputs, window positions included) replaces them."""
 
     cos: jax.Array
     sin: jax.Array
-    allowed: jax.Array
+    allowed: jax.Array | None
     local_cos: jax.Array | None = None
     local_sin: jax.Array | None = None
     local_allowed: jax.Array | None = None
+    layout: SequenceLayout | None = None
 
-    def pick(self, sliding: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def pick(self, sliding: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """``(cos, sin, allowed)`` of a layer: ``sliding`` a Python bool (unrolled layers) or
         a traced ``[]`` bool (scanned layers, selected with ``where``)."""
-        if self.local_allowed is None or sliding is False:
+        if self.local_cos is None or sliding is False:
             return self.cos, self.sin, self.allowed
         if sliding is True:
             return self.local_cos, self.local_sin, self.local_allowed
-        return tuple(jnp.where(sliding, local, full) for local, full in (
-            (self.local_cos, self.cos), (self.local_sin, self.sin),
-            (self.local_allowed, self.allowed)))
+        pairs = [(self.local_cos, self.cos), (self.local_sin, self.sin)]
+        picked = [jnp.where(sliding, local, full) for local, full in pairs]
+        allowed = (None if self.allowed is None
+                   else jnp.where(sliding, self.local_allowed, self.allowed))
+        return picked[0], picked[1], allowed
+
+
+def _layer_window(config: TransformerConfig, sliding: Any) -> Any:
+    """The sliding window of a layer for the blockwise rule: ``None`` (global), ``W``, or for a
+    traced flag ``W`` / a window no row reaches."""
+    if config.sliding_window is None or sliding is False:
+        return None
+    if sliding is True:
+        return config.sliding_window
+    return jnp.where(sliding, config.sliding_window, jnp.iinfo(jnp.int32).max)
 
 
 class Block(nn.Module):
@@ -131,10 +155,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, inputs: LayerInputs, index, sliding_flag=None):
         cfg = self.config
-        cos, sin, allowed = inputs.pick(self.sliding if self.sliding is not None
-                                        else sliding_flag)
+        sliding = self.sliding if self.sliding is not None else sliding_flag
+        cos, sin, allowed = inputs.pick(sliding)
+        window = _layer_window(cfg, sliding) if inputs.layout is not None else None
         attn_out, layer_cache = Attention(cfg, name="attn")(
-            RMSNorm(cfg, name="attn_norm")(x), cos, sin, allowed, layer_cache, index
+            RMSNorm(cfg, name="attn_norm")(x), cos, sin, allowed, layer_cache, index,
+            layout=inputs.layout, window=window,
         )
         if cfg.post_norms:
             attn_out = RMSNorm(cfg, name="post_attn_norm")(attn_out)
@@ -178,16 +204,39 @@ class Transformer(nn.Module):
                            for i, sliding in enumerate(cfg.sliding_layers)]
         self.final_norm = RMSNorm(cfg, name="final_norm")
 
-    def _layer_inputs(self, positions, query_slot, key_slot, allowed) -> LayerInputs:
-        """Rotary tables and masks; sliding layers also get the window ``q − k < W``."""
+    def _layer_inputs(self, positions, allowed, window_rule) -> LayerInputs:
+        """Rotary tables and masks. ``window_rule(W)`` is the sliding layers' mask (``None``
+        when ``allowed`` is: blockwise attention, which evaluates the rule per block)."""
         cfg = self.config
         cos, sin = rotary_tables(positions, cfg)
         if not any(cfg.sliding_layers):
             return LayerInputs(cos, sin, allowed)
         local_cos, local_sin = (rotary_tables(positions, cfg, local=True)
                                 if cfg.local_rope_theta is not None else (cos, sin))
-        in_window = (query_slot[:, None] - key_slot[None, :]) < cfg.sliding_window
-        return LayerInputs(cos, sin, allowed, local_cos, local_sin, allowed & in_window[None])
+        local_allowed = None if allowed is None else window_rule(cfg.sliding_window)
+        return LayerInputs(cos, sin, allowed, local_cos, local_sin, local_allowed)
+
+    def _masks(self, mask, cache, layout, length):
+        """``(index, key_mask, LayerInputs)`` of a call (see ``__call__``)."""
+        cfg = self.config
+        index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        kind = resolve_attention(cfg, length, cached=cache is not None)
+        if layout is not None:
+            rule = layout
+            positions, key_mask = layout.positions, (layout.segment_ids > 0).astype(jnp.int32)
+            window_rule = functools.partial(allowed_mask, layout)
+        elif cache is None:
+            rule = layout_from_mask(mask)
+            positions, key_mask = positions_from_mask(mask), mask
+            window_rule = functools.partial(_padded_mask, mask, index, length)
+        else:
+            positions = positions_from_mask(mask, jnp.sum(cache.mask, axis=-1, keepdims=True))
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+            rule, window_rule = None, functools.partial(_padded_mask, key_mask, index, length)
+        if kind == "blockwise":
+            inputs = self._layer_inputs(positions, None, window_rule)
+            return index, key_mask, inputs._replace(layout=rule)
+        return index, key_mask, self._layer_inputs(positions, window_rule(None), window_rule)
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
@@ -201,26 +250,23 @@ class Transformer(nn.Module):
         tokens: jax.Array,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        layout: SequenceLayout | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Hidden states ``[B, T, D]`` float32 and the updated cache (or ``None``)."""
+        """Hidden states ``[B, T, D]`` float32 and the updated cache (or ``None``).
+
+        ``layout`` (packed rows; exclusive with ``cache``) gives positions and the attention
+        rule; ``attention_mask`` is then ignored (the rule already leaves padding out)."""
         cfg = self.config
         tokens = jnp.asarray(tokens)
+        if layout is not None:
+            if cache is not None:
+                raise ValueError("layout and cache are exclusive: decoding runs on padded rows")
+            layout = check_layout(layout, tokens.shape)
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
         mask = jnp.asarray(attention_mask).astype(jnp.int32)
         length = tokens.shape[1]
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
-            key_mask = mask
-            positions = positions_from_mask(mask)
-        else:
-            index = cache.index
-            positions = positions_from_mask(mask, jnp.sum(cache.mask, axis=-1, keepdims=True))
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-        query_slot = index + jnp.arange(length, dtype=jnp.int32)
-        key_slot = jnp.arange(key_mask.shape[1], dtype=jnp.int32)
-        allowed = (key_slot[None, :] <= query_slot[:, None])[None] & (key_mask[:, None, :] > 0)
-        inputs = self._layer_inputs(positions, query_slot, key_slot, allowed)
+        index, key_mask, inputs = self._masks(mask, cache, layout, length)
 
         x = self._embed(tokens)
         if cache is None:
@@ -249,6 +295,19 @@ class Transformer(nn.Module):
         dtype = self.config.dtype
         return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.embedding.astype(dtype),
                           preferred_element_type=jnp.float32)
+
+
+def _padded_mask(key_mask: jax.Array, index: jax.Array, length: int,
+                 window: int | None) -> jax.Array:
+    """``[B, T, S]`` bool of ordinary padded rows: causal over slots (the ``T = length`` new
+    tokens start at slot ``index``), real keys only, and with a ``window`` keys fewer than
+    ``window`` slots back (as Hugging Face counts a sliding window)."""
+    query_slot = index + jnp.arange(length, dtype=jnp.int32)
+    key_slot = jnp.arange(key_mask.shape[1], dtype=jnp.int32)
+    causal = key_slot[None, :] <= query_slot[:, None]
+    if window is not None:
+        causal &= (query_slot[:, None] - key_slot[None, :]) < window
+    return causal[None] & (key_mask[:, None, :] > 0)
 
 
 def unstack_layer_params(params: Any, n_layers: int) -> Any:
