@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxalign"
 LAYERS = {
     1: ("jaxalign", "jaxalign.losses", "jaxalign.advantages", "jaxalign.kl_control",
         "jaxalign.logprobs", "jaxalign.masking", "jaxalign.models", "jaxalign.settings",
-        "jaxalign.testing"),
+        "jaxalign.testing", "jaxalign.chunked_logprobs"),
     2: ("jaxalign.train", "jaxalign.sampling", "jaxalign.sharding", "jaxalign.checkpoint",
         "jaxalign.data", "jaxalign.tokenizer", "jaxalign.batching", "jaxalign.distributed",
         "jaxalign.rewards", "jaxalign.chat_template", "jaxalign.conversation",

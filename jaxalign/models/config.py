@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.chunked_logprobs import DEFAULT_LOGPROB_CHUNK
 from jaxalign.settings import setting
 
 __all__ = ["ACTIVATIONS", "FAMILY_SWITCHES", "LAYER_TYPES", "PRESETS", "REMAT_POLICIES",
@@ -63,6 +64,10 @@ class TransformerConfig:
         (recompute everything: least memory, one more forward pass of compute) or ``"dots"``
         (keep the matmul outputs, recompute only the elementwise ops in between: norms,
         SwiGLU, softmax, rotary embeddings).
+      logprob_chunk: tokens per chunk when a step computes log-probs from hidden states
+        (:func:`jaxalign.token_logprobs_from_hidden`): the ``[chunk, V]`` logits are the largest
+        array the LM head builds. Compute only: it changes no parameter and no result beyond
+        float32 rounding.
       scan_layers: run the blocks with ``nn.scan`` (one traced block, parameters stacked on a
         leading ``"layers"`` axis) instead of unrolling them (``layers_0``, ``layers_1``, ...).
         Off by default: on the 4-layer ``bench`` model, unrolled blocks compiled a
@@ -122,6 +127,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing"
+    logprob_chunk: int = DEFAULT_LOGPROB_CHUNK
     scan_layers: bool = False
     initializer_range: float = 0.02
     o_bias: bool = False
@@ -155,6 +161,8 @@ class TransformerConfig:
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "set head_dim explicitly"
             )
+        if self.logprob_chunk < 1:
+            raise ValueError(f"logprob_chunk must be at least 1, got {self.logprob_chunk}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be 'nothing' or 'dots', got {self.remat_policy!r}")
         if self.n_heads % self.n_kv_heads:
@@ -266,6 +274,9 @@ class ComputeConfig:
     remat: str | None = setting(None, "recompute activations in the backward pass: none, dots"
                                 " (keep the matmul outputs) or full (keep nothing); none given:"
                                 " the model's own", choices=REMAT_CHOICES)
+    logprob_chunk: int | None = setting(None, "tokens per chunk of the chunked LM head (log-probs"
+                                        " without [B, T, V] logits); none: the model's own,"
+                                        f" {DEFAULT_LOGPROB_CHUNK} by default")
 
     def __post_init__(self) -> None:
         for name, choices in (("dtype", DTYPES), ("param_dtype", DTYPES),
@@ -281,6 +292,8 @@ class ComputeConfig:
             fields["dtype"] = self.dtype
         if self.param_dtype is not None:
             fields["param_dtype"] = self.param_dtype
+        if self.logprob_chunk is not None:
+            fields["logprob_chunk"] = self.logprob_chunk
         if self.remat is not None:
             fields["remat"] = self.remat != "none"
             if self.remat != "none":

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign import losses as L
-from jaxalign.logprobs import token_logprobs
-from jaxalign.masking import masked_sum
 from jaxalign.settings import setting
+from jaxalign.train.completion import batch_layout, batch_targets, group_logps
 from jaxalign.train.state import TrainState, make_loss_step
 
 __all__ = ["PREFERENCE_LOSSES", "UNPAIRED_LOSSES", "PairLogps", "PreferenceConfig", "make_preference_step",
@@ -154,15 +153,39 @@ def _concat_pair(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     return cat("ids"), cat("attention_mask"), cat("completion_mask")
 
 
+def pair_slots(batch: dict) -> int:
+    """The batch's pair capacity ``P``: ``pair_valid``'s length, else the chosen rows."""
+    if "pair_valid" in batch:
+        return batch["pair_valid"].shape[0]
+    return batch["chosen_ids"].shape[0]
+
+
+def pair_weights(batch: dict) -> jax.Array:
+    """``[P]`` float32: 1 for a real pair, 0 for an empty slot (``pair_valid``; all ones for a
+    padded batch)."""
+    if "pair_valid" in batch:
+        return jnp.asarray(batch["pair_valid"], jnp.float32)
+    return jnp.ones((pair_slots(batch),), jnp.float32)
+
+
 def _pair_sums(model: Any, params: Any, batch: dict) -> PairLogps:
-    """Completion log-prob sums and token counts of chosen and rejected (one forward pass)."""
-    ids, attention_mask, completion_mask = _concat_pair(batch)
-    per_token = token_logprobs(model.apply({"params": params}, ids, attention_mask), ids)
-    mask = completion_mask > 0
-    sums = masked_sum(per_token, mask, axis=-1)
-    counts = jnp.sum(mask, axis=-1).astype(sums.dtype)
-    chosen, rejected = jnp.split(sums, 2)
-    chosen_tokens, rejected_tokens = jnp.split(counts, 2)
+    """Completion log-prob sums and token counts of chosen and rejected (one forward pass).
+
+    A padded batch runs ``[chosen; rejected]`` rows (``[2P, T]``); a packed one (``ids`` and
+    a sequence layout, each row holding shared-prompt pairs) carries ``target_*`` arrays whose
+    groups are ``p`` (chosen) and ``P + p`` (rejected). Only target positions reach the head.
+    """
+    slots = pair_slots(batch)
+    if "ids" in batch:  # packed
+        tokens, attention_mask = batch["ids"], None
+        targets = batch_targets(batch, tokens)
+    else:
+        tokens, attention_mask, completion_mask = _concat_pair(batch)
+        targets = batch_targets(batch, tokens, completion_mask)
+    logps = group_logps(model, params, tokens, attention_mask, targets, 2 * slots,
+                        layout=batch_layout(batch))
+    chosen, rejected = jnp.split(logps.sums, 2)
+    chosen_tokens, rejected_tokens = jnp.split(logps.counts, 2)
     return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
 
 
@@ -242,7 +265,8 @@ def preference_loss(
     ``p = p_chosen·(1 − ls) + (1 − p_chosen)·ls`` (``p_chosen = 1`` gives ``ε = ls``).
 
     Returns:
-      ``(loss, metrics)``: ``Σ_i w_i · mean(loss_i)`` and ``rewards/chosen``,
+      ``(loss, metrics)``: ``Σ_i w_i · mean(loss_i)`` (means over the valid pairs,
+      ``pair_valid``, of a packed batch's fixed capacity) and ``rewards/chosen``,
       ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
       ``logps/rejected`` (of the first loss's log-probs), ``nll``, ``log_odds_ratio`` with
       ORPO, and ``loss/<name>`` for each loss of a combination.
@@ -251,6 +275,8 @@ def preference_loss(
     policy = _pair_sums(model, params, batch)
     ref = _reference(config, model, ref_params, batch, policy)
     means, ref_means = policy.means(), ref.means()
+    valid = pair_weights(batch)
+    mean = lambda x: jnp.sum(valid * x) / jnp.maximum(jnp.sum(valid), 1.0)  # noqa: E731
     nll = -means[0]
     p_chosen = batch.get("p_chosen", jnp.ones_like(policy.chosen))
     eps = 1.0 - (p_chosen * (1.0 - config.label_smoothing)
@@ -260,21 +286,21 @@ def preference_loss(
         kind, _, loss_fn = _LOSSES[name]
         pair, ref_pair = ((means, ref_means) if kind == "mean"
                           else ((policy.chosen, policy.rejected), (ref.chosen, ref.rejected)))
-        value = jnp.mean(loss_fn(pair, ref_pair, nll, config, eps))
+        value = mean(loss_fn(pair, ref_pair, nll, config, eps))
         total = total + weight * value
         if len(config.loss) > 1:
             metrics[f"loss/{name}"] = value
     first = means if _LOSSES[config.loss[0]][0] == "mean" else (policy.chosen, policy.rejected)
-    metrics.update({"logps/chosen": jnp.mean(first[0]), "logps/rejected": jnp.mean(first[1])})
+    metrics.update({"logps/chosen": mean(first[0]), "logps/rejected": mean(first[1])})
     if "orpo" in config.loss:
-        metrics["nll"] = jnp.mean(nll)
-        metrics["log_odds_ratio"] = jnp.mean(L.log_odds(means[0]) - L.log_odds(means[1]))
+        metrics["nll"] = mean(nll)
+        metrics["log_odds_ratio"] = mean(L.log_odds(means[0]) - L.log_odds(means[1]))
     chosen_rewards, rejected_rewards = _rewards(config, policy, ref)
     metrics.update({
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "rewards/margins": mean(chosen_rewards - rejected_rewards),
     })
     return total, metrics
 

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxalign.logprobs import token_logprobs
-from jaxalign.masking import masked_mean
+from jaxalign.train.completion import batch_layout, batch_targets, target_logps
 from jaxalign.train.state import TrainState, make_loss_step
 
 
@@ -19,27 +18,42 @@ def sft_loss(
     """Mean NLL over completion tokens (every real token after the first if ``include_prompt``).
 
     The mean is over all counted tokens of the batch (TRL's convention), not per sequence.
+    Only the counted tokens' hidden states reach the LM head, chunked
+    (``model.config.logprob_chunk``): no ``[B, T, V]`` logits.
 
     Args:
-      model: a causal LM (``model.apply({"params": p}, ids, attention_mask) -> [B, T, V]``).
+      model: a causal LM (:class:`~jaxalign.models.CausalLM`).
       params: its parameters.
-      batch: ``input_ids``, ``attention_mask``, ``completion_mask``, each ``[B, T]``.
-      include_prompt: train on prompt tokens too.
+      batch: padded: ``input_ids``, ``attention_mask``, ``completion_mask``, each ``[B, T]``;
+        packed: ``input_ids``, ``positions``, ``segment_ids``, ``branch_ids`` and
+        ``target_source``/``target_token``/``target_group`` (the collator chose the counted
+        tokens, so ``include_prompt`` does not apply).
+      include_prompt: train on prompt tokens too (padded batches).
 
     Returns:
       ``(loss, metrics)`` with ``nll`` and ``tokens`` (number of counted tokens).
     """
-    ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    logits = model.apply({"params": params}, ids, attention_mask)
-    logps = token_logprobs(logits, ids)
-    if include_prompt:
-        # every real token except each row's first one, which nothing predicts
-        first = jnp.cumsum(attention_mask, axis=-1) == 1
-        mask = (attention_mask > 0) & ~first
+    ids = batch["input_ids"]
+    layout = batch_layout(batch)
+    if layout is not None:
+        if include_prompt:
+            raise ValueError("include_prompt applies to padded batches; a packed batch's"
+                             " target_* arrays already say which tokens count")
+        attention_mask, mask = None, None
     else:
-        mask = batch["completion_mask"] > 0
-    nll = -masked_mean(logps, mask)
-    return nll, {"nll": nll, "tokens": jnp.sum(mask).astype(jnp.float32)}
+        attention_mask = batch["attention_mask"]
+        if include_prompt:
+            # every real token except each row's first one, which nothing predicts
+            first = jnp.cumsum(attention_mask, axis=-1) == 1
+            mask = (attention_mask > 0) & ~first
+        else:
+            mask = batch["completion_mask"] > 0
+    targets = batch_targets(batch, ids, mask)
+    logps = target_logps(model, params, ids, attention_mask, targets, layout=layout)
+    counted = targets.group >= 0
+    tokens = jnp.sum(counted).astype(jnp.float32)
+    nll = -jnp.sum(jnp.where(counted, logps, 0.0)) / jnp.maximum(tokens, 1.0)
+    return nll, {"nll": nll, "tokens": tokens}
 
 
 def make_sft_step(
