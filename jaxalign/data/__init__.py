@@ -43,8 +43,13 @@ Batches (numpy; ids and masks int32, `L` = the batch's length bucket, see `bucke
 Sequences are right-padded; `attention_mask` is 1 on real tokens, `completion_mask` 1 on
 completion tokens (EOS included) and 0 on prompt and padding.
 
+Packed batches (`PackingConfig.packing` "pairs" for preference data, "sequences" for sft; one
+fixed shape `PackSpec`, several records per row, shared prompts for pairs) come from
+`PackedLoader`; the keys are in `_packing.py`'s docstring.
+
 Files: `_types.py` (kinds, errors, settings, report), `_records.py` (one record checked and
-tokenised), `_dataset.py` (batches and the JSONL reader), `_loader.py` (batch orders).
+tokenised), `_dataset.py` (batches and the JSONL reader), `_loader.py` (batch orders),
+`_packing.py` (packed batches), `_packed_loader.py` (their order).
 
 Bad records raise `DataError("{path}:{line}: {reason}")` while loading (`on_bad_record="error"`)
 or are skipped and counted in the `DataReport` (`"skip"`). `DataLoader` gives batch `step` as a
@@ -53,6 +58,9 @@ pure function of `(seed, step)`, so resuming from `state()` replays exactly the 
 
 from jaxalign.data._dataset import Dataset, load_jsonl, read_records
 from jaxalign.data._loader import DataLoader, ShardedLoader, shard_lines
+from jaxalign.data._packed_loader import (
+    PackedLoader, PackingConfig, PackingReport, PackSpec, pad_pairs,
+)
 from jaxalign.data._types import (
     RECORD_KINDS,
     BadRecord,
@@ -67,6 +75,7 @@ from jaxalign.data._types import (
 
 __all__ = [
     "RECORD_KINDS", "BadRecord", "DataConfig", "DataError", "DataLoader", "DataReport",
-    "Dataset", "Example", "ShardedLoader", "bucket_length", "detect_file_kind", "detect_kind",
-    "load_jsonl", "read_records", "shard_lines",
+    "Dataset", "Example", "PackSpec", "PackedLoader", "PackingConfig", "PackingReport",
+    "ShardedLoader", "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl",
+    "pad_pairs", "read_records", "shard_lines",
 ]

@@ -1,0 +1,143 @@
+"""Packed batches in a shuffled order that is a pure function of (seed, step)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from jaxalign.data._dataset import Dataset
+from jaxalign.data._packing import (
+    PackingConfig, PackingReport, PackSpec, _place, default_spec, fit_example, pack,
+)
+
+_PACKABLE = {"pairs": "preference", "sequences": "sft"}
+
+
+class PackedLoader:
+    """Packed batches (:mod:`jaxalign.data._packing`) of one dataset.
+
+    Epoch ``e`` visits the examples in the order of :class:`DataLoader`
+    (``default_rng([seed, e]).permutation(N)``) and cuts it into batches first-fit: an
+    example joins the current batch while it fits a row (slots and head positions) and the
+    capacity, otherwise it opens the next batch. Batch ``step`` is therefore a pure function of
+    ``(seed, step)``, every batch has the shape ``spec``, and every example appears exactly
+    once per epoch (cut to a row if it is longer, counted in ``report``).
+
+    Args:
+        dataset: a preference (``packing="pairs"``) or sft (``"sequences"``) :class:`Dataset`.
+        batch_size: what the defaults of ``config`` size the batch for (average records per
+            batch, see :func:`default_spec`).
+        config: the :class:`PackingConfig` (``packing`` "pairs" or "sequences").
+        seed, shuffle: as :class:`DataLoader`'s.
+        include_prompt: sft: the prompt tokens are targets too.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, config: PackingConfig, *,
+                 seed: int = 0, shuffle: bool = True, include_prompt: bool = False) -> None:
+        kind = config.packing
+        if kind not in _PACKABLE:
+            raise ValueError(f"PackedLoader packs 'pairs' or 'sequences', got packing={kind!r}")
+        if dataset.kind != _PACKABLE[kind]:
+            raise ValueError(f"packing={kind!r} packs {_PACKABLE[kind]} records, but the data"
+                             f" holds {dataset.kind} records")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.dataset, self.kind, self.seed, self.shuffle = dataset, kind, seed, shuffle
+        self.batch_size = batch_size
+        self.spec = default_spec(dataset.examples, kind, batch_size, config,
+                                 pad_multiple=dataset.config.pad_multiple,
+                                 include_prompt=include_prompt)
+        if kind == "pairs" and self.spec.targets < 2:
+            raise ValueError(f"pack_targets={self.spec.targets}: a pair needs at least 2 head"
+                             " positions per row")
+        self.items = [fit_example(e, kind, self.spec.length, self.spec.targets,
+                                  include_prompt=include_prompt) for e in dataset.examples]
+        self._plans: list[list[np.ndarray]] = []
+        self.step = 0
+        self.report = self._report()
+
+    def _report(self) -> PackingReport:
+        plan = self._plan(0)
+        cut = [item.cut for item in self.items]
+        return PackingReport(self.kind, self.spec, num_examples=len(self.items),
+                             num_cut=sum(c > 0 for c in cut), tokens_cut=sum(cut),
+                             real_tokens=sum(item.slots for item in self.items),
+                             slots=len(plan) * self.spec.rows * self.spec.length,
+                             batches=len(plan))
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        """The example indices of each batch of ``epoch`` (computed once, in order)."""
+        while len(self._plans) <= epoch:
+            e, n = len(self._plans), len(self.items)
+            order = (np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle
+                     else np.arange(n))
+            self._plans.append(self._cut(order))
+        return self._plans[epoch]
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        spec, batches, current = self.spec, [], []
+        slots, targets = [0] * spec.rows, [0] * spec.rows
+        for index in order:
+            item = self.items[index]
+            if len(current) == spec.capacity or _place(item, spec, slots, targets) is None:
+                batches.append(np.asarray(current))
+                current, slots, targets = [], [0] * spec.rows, [0] * spec.rows
+                _place(item, spec, slots, targets)  # an item always fits an empty batch
+            current.append(int(index))
+        batches.append(np.asarray(current))
+        return batches
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """Example indices of batch ``step`` (between 1 and ``spec.capacity`` of them)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        epoch = 0
+        while step >= len(self._plan(epoch)):
+            step -= len(self._plan(epoch))
+            epoch += 1
+        return self._plan(epoch)[step]
+
+    def collate(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The packed batch of the examples at ``indices`` (in that order)."""
+        return pack([self.items[int(i)] for i in indices], self.spec, self.kind,
+                    self.dataset.pad_id, [self.dataset.examples[int(i)] for i in indices])
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """Batch number ``step`` (a pure function of seed and step)."""
+        return self.collate(self.indices_at(step))
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        """JSON-able position and what it depends on (the packing shape included)."""
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "num_examples": len(self.items), "packing": self.kind,
+                "pack_spec": list(self.spec)}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continues from ``state()``; refuses a state of another seed, data or packing."""
+        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
+                             ("num_examples", len(self.items)), ("packing", self.kind),
+                             ("pack_spec", list(self.spec))):
+            if state.get(key) != current:
+                raise ValueError(f"loader state has {key}={state.get(key)}"
+                                 f" but this loader has {key}={current}")
+        self.step = int(state["step"])
+
+
+def pad_pairs(values: np.ndarray, indices: np.ndarray, capacity: int) -> np.ndarray:
+    """``values[indices]`` zero-padded to the ``capacity`` pair slots (e.g. reference log-probs
+    ``[N]`` of a packed batch)."""
+    out = np.zeros((capacity,) + values.shape[1:], values.dtype)
+    out[:len(indices)] = values[indices]
+    return out
+
+
+__all__ = ["PackSpec", "PackedLoader", "PackingConfig", "PackingReport", "pad_pairs"]
