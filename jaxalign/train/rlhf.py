@@ -55,8 +55,8 @@ from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
 from jaxalign.kl_control import AdaptiveKLController, FixedKLController, KLControllerState
-from jaxalign.logprobs import gather_logprobs
-from jaxalign.losses import entropy, kl_penalty
+from jaxalign.logprobs import logprobs_at
+from jaxalign.losses import kl_penalty
 from jaxalign.masking import masked_mean
 from jaxalign.models import value_params_from_reward_model
 from jaxalign.sampling import is_stop_token, make_generate
@@ -143,26 +143,34 @@ def init_rlhf_state(
 
 
 class _Forwards(NamedTuple):
-    """The model passes a step makes over ``ids [B, P+N]``, sliced to the ``N`` positions that
-    predict completion tokens (the prompt's hidden states never reach the LM head)."""
+    """The model passes a step makes over ``ids [B, P+N]``: only the ``N`` hidden states that
+    predict completion tokens reach the LM head, chunked (no ``[B, N, V]`` logits)."""
 
-    policy: Callable  # (params, ids, attn, prompt_len) -> (logits / T [B, N, V], values | None)
+    # (params, ids, attn, prompt_len, completion, mask, with_entropy) ->
+    #   (logps [B, N], entropies [B, N] | None, values [B, N] | None); logits scaled by 1/T
+    policy: Callable
     value: Callable  # (params, ids, attn, prompt_len) -> values [B, N]
 
 
 def _forwards(policy: Any, value: Any, config: RLHFConfig) -> _Forwards:
     temperature = config.temperature if config.temperature > 0 else 1.0
 
-    def completion_outputs(module, ids, attn, prompt_len):
-        hidden, _ = module.trunk(ids, attn)
-        hidden = hidden[:, prompt_len - 1:-1]
-        values = module.value_head(hidden) if config.shared_value_head else None
-        return module.logits(hidden), values
+    def completion_outputs(module, ids, attn, prompt_len, completion, mask, with_entropy):
+        hidden = module.hidden(ids, attn)
+        width = completion.shape[1]
+        values = (module.value_head(hidden[:, prompt_len - 1:-1])
+                  if config.shared_value_head else None)
+        source = jnp.broadcast_to(prompt_len - 1 + jnp.arange(width, dtype=jnp.int32),
+                                  completion.shape)
+        out = logprobs_at(hidden, module.head(), source, completion, mask,
+                          chunk_size=module.config.logprob_chunk,
+                          logit_scale=1.0 / temperature, with_entropy=with_entropy)
+        logps, entropies = out if with_entropy else (out, None)
+        return logps, entropies, values
 
-    def policy_forward(params, ids, attn, prompt_len):
-        logits, values = policy.apply({"params": params}, ids, attn, prompt_len,
-                                      method=completion_outputs)
-        return logits / temperature, values
+    def policy_forward(params, ids, attn, prompt_len, completion, mask, with_entropy=True):
+        return policy.apply({"params": params}, ids, attn, prompt_len, completion, mask,
+                            with_entropy, method=completion_outputs)
 
     def value_forward(params, ids, attn, prompt_len):
         return value.apply({"params": params}, ids, attn)[:, prompt_len - 1:-1]
@@ -202,14 +210,12 @@ def _score(forwards: _Forwards, config: RLHFConfig, state: RLHFState, rollout: d
     (fixed β = 0) there is no reference pass and the KL is 0."""
     ids, attn, completion, mask = (rollout[k] for k in ("ids", "attn", "completion", "mask"))
     prompt_len, valid = rollout["prompt_ids"].shape[1], rollout["mask"] > 0
-    logits, shared_values = forwards.policy(state.policy_params, ids, attn, prompt_len)
-    old_logps = gather_logprobs(logits, completion)
-    rollout_entropy = masked_mean(entropy(logits), valid)
-    del logits
+    old_logps, entropies, shared_values = forwards.policy(state.policy_params, ids, attn,
+                                                         prompt_len, completion, mask)
+    rollout_entropy = masked_mean(entropies, valid)
     if config.uses_reference:
-        ref_logits, _ = forwards.policy(state.ref_params, ids, attn, prompt_len)
-        ref_logps = gather_logprobs(ref_logits, completion)
-        del ref_logits
+        ref_logps, _, _ = forwards.policy(state.ref_params, ids, attn, prompt_len, completion,
+                                          mask, with_entropy=False)
         kl = jnp.where(valid, kl_penalty(old_logps, ref_logps,
                                          estimator=config.kl_estimator_used), 0.0)
     else:

@@ -18,9 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding as shd
-from jaxalign.logprobs import gather_logprobs
-from jaxalign.losses import (aggregate_loss, clip_fractions, entropy, kl_penalty, ppo_loss,
-                             sequence_log_ratio)
+from jaxalign.losses import aggregate_loss, clip_fractions, kl_penalty, ppo_loss, sequence_log_ratio
 from jaxalign.train.rlhf_config import RLHFConfig
 
 __all__ = ["policy_loss_fn", "ppo_epochs"]
@@ -36,16 +34,15 @@ def policy_loss_fn(forwards: Any, config: RLHFConfig, separate_value: bool,
     kl_in_loss = config.kl_in == "loss" and config.uses_reference
 
     def loss_fn(policy_params, value_params, mb, kl_coef):
-        logits, values = forwards.policy(policy_params, mb["ids"], mb["attn"], prompt_len)
+        logps, entropies, values = forwards.policy(policy_params, mb["ids"], mb["attn"],
+                                                   prompt_len, mb["completion"], mb["mask"])
         if separate_value:
             values = forwards.value(value_params, mb["ids"], mb["attn"], prompt_len)
         elif values is None:
             values = jnp.zeros_like(mb["old_values"])
-        logps = gather_logprobs(logits, mb["completion"])
         ratio_logps = logps
         if config.importance_sampling_level == "sequence":
             ratio_logps = mb["old_logps"] + sequence_log_ratio(logps, mb["old_logps"], mb["mask"])
-        entropies = entropy(logits)
         if not config.ent_coef:  # a metric only: no backward pass through a softmax over V
             entropies = jax.lax.stop_gradient(entropies)
         loss, metrics = ppo_loss(
