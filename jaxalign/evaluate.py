@@ -93,8 +93,8 @@ import jax
 import numpy as np
 
 from jaxalign.batching import map_batches
-from jaxalign.logprobs import sequence_logprobs
 from jaxalign.sampling import make_generate
+from jaxalign.train.completion import completion_sums
 
 __all__ = [
     "Completions", "bootstrap_ci", "curve_improvement", "evaluate_policy", "mean_and_se",
@@ -255,9 +255,8 @@ def sample_completions(
 def _make_log_ratio_fn(model: Any) -> Callable:
     @jax.jit
     def log_ratio(params, ref_params, ids, attention_mask, completion_mask):
-        def sequence_logps(p):
-            logits = model.apply({"params": p}, ids, attention_mask)
-            return sequence_logprobs(logits, ids, completion_mask > 0)
+        def sequence_logps(p):  # the chunked head, completion positions only
+            return completion_sums(model, p, ids, attention_mask, completion_mask)
 
         return sequence_logps(params) - sequence_logps(ref_params)
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jaxalign.logprobs import HeadTargets, group_sums, logprobs_at, targets_from_completion_mask
 
-__all__ = ["GroupLogps", "batch_layout", "batch_targets", "group_logps", "target_logps"]
+__all__ = ["GroupLogps", "batch_layout", "batch_targets", "completion_sums", "group_logps",
+           "target_logps"]
 
 TARGET_KEYS = ("target_source", "target_token", "target_group")
 
@@ -71,3 +72,11 @@ def group_logps(model: Any, params: Any, tokens: jax.Array, attention_mask: jax.
     per_target = target_logps(model, params, tokens, attention_mask, targets, layout=layout)
     counts = group_sums(jnp.ones_like(per_target), targets.group, num_groups)
     return GroupLogps(group_sums(per_target, targets.group, num_groups), counts)
+
+
+def completion_sums(model: Any, params: Any, tokens: jax.Array, attention_mask: jax.Array,
+                    completion_mask: jax.Array) -> jax.Array:
+    """``[B]`` completion log-prob sums ``Σ_t mask_t · log p(y_t | y_<t)`` of a padded batch
+    (the chunked equivalent of :func:`jaxalign.sequence_logprobs` on the model's logits)."""
+    targets = targets_from_completion_mask(tokens, completion_mask)
+    return group_logps(model, params, tokens, attention_mask, targets, tokens.shape[0]).sums

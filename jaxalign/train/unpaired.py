@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign import losses as L
-from jaxalign.logprobs import sequence_logprobs
+from jaxalign.train.completion import completion_sums
 from jaxalign.train.preference import UNPAIRED_LOSSES, PreferenceConfig
 from jaxalign.train.state import TrainState, make_loss_step
 
@@ -30,9 +30,8 @@ __all__ = ["completion_logps", "init_loss_state", "make_unpaired_step",
 
 def completion_logps(model: Any, params: Any, batch: dict, prefix: str = "") -> jax.Array:
     """``[B]`` completion log-prob sums of the ``{prefix}input_ids`` sequences."""
-    ids = batch[f"{prefix}input_ids"]
-    logits = model.apply({"params": params}, ids, batch[f"{prefix}attention_mask"])
-    return sequence_logprobs(logits, ids, batch[f"{prefix}completion_mask"] > 0)
+    return completion_sums(model, params, batch[f"{prefix}input_ids"],
+                           batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"])
 
 
 def _loss_name(config: PreferenceConfig) -> str:
