@@ -71,26 +71,59 @@ def real_tokens(task: str, batch: list[tuple]) -> int:
     return sum(len(p) + len(c) for p, c in rows)
 
 
-# jaxalign variants: how batches are built and which step options are used.
-VARIANTS = {"padded": {"collate": "padded", "step": {}}}
+# jaxalign rows: how batches are laid out ("padded": the data's length buckets, as `jaxalign
+# dpo` does by default; "pairs"/"sequences": PackedLoader's fixed packed shape) and
+# TransformerConfig overrides (e.g. the log-prob chunk, the attention kernel).
+VARIANTS = {
+    "padded": {"packing": "none", "model": {}},
+    "packed": {"packing": "auto", "model": {}},
+}
+
+
+def _examples(task: str, batch: list[tuple]):
+    from jaxalign.data import Example
+
+    if task == "sft":
+        return [Example(p, (c,)) for p, c in batch]
+    return [Example(p, (c, r)) for p, c, r in batch]
+
+
+def _packed_batches(task: str, batches: list) -> list[dict]:
+    """Each batch's examples packed into one fixed :class:`PackSpec`: the loader's defaults for
+    the row length and head positions, capacity = the step's examples, and the fewest rows in
+    which every batch of the run fits (so all steps share one shape and compile once)."""
+    import numpy as np
+
+    from jaxalign.data import DataConfig, Dataset, DataReport, PackedLoader, PackingConfig
+
+    examples = [e for b in batches for e in _examples(task, b)]
+    data = Dataset("sft" if task == "sft" else "preference", examples, DataConfig(max_length=MAX_LEN),
+                   0, DataReport("bench_real"))
+    per_batch = len(examples) // len(batches)
+    kind = "sequences" if task == "sft" else "pairs"
+    for rows in range(1, per_batch + 1):
+        loader = PackedLoader(data, per_batch, PackingConfig(packing=kind, pack_rows=rows,
+                                                             pack_capacity=per_batch))
+        try:
+            return [loader.collate(np.arange(i * per_batch, (i + 1) * per_batch))
+                    for i in range(len(batches))]
+        except ValueError:
+            continue
+    raise RuntimeError("no packed shape fits the batches")
 
 
 def _jax_batches(task: str, variant: dict, batches: list) -> list[dict]:
     import numpy as np
 
-    from jaxalign.data import DataConfig, Dataset, DataReport, Example
+    from jaxalign.data import DataConfig, Dataset, DataReport
 
-    config = DataConfig(max_length=MAX_LEN)
-    if variant["collate"] != "padded":
-        raise ValueError(f"unknown collate {variant['collate']!r}")
+    if variant["packing"] != "none":
+        return _packed_batches(task, batches)
     out = []
     for batch in batches:
-        if task == "sft":
-            examples = [Example(p, (c,)) for p, c in batch]
-        else:
-            examples = [Example(p, (c, r)) for p, c, r in batch]
-        data = Dataset("sft" if task == "sft" else "preference", examples, config, 0,
-                       DataReport("bench_real"))
+        examples = _examples(task, batch)
+        data = Dataset("sft" if task == "sft" else "preference", examples,
+                       DataConfig(max_length=MAX_LEN), 0, DataReport("bench_real"))
         out.append(data.collate(np.arange(len(examples))))
     return out
 
@@ -101,15 +134,15 @@ def _jax_step(task: str, variant: dict, vocab: int):
     from jaxalign import train
     from jaxalign.models import CausalLM, init_params
 
-    model = CausalLM(jax_bench_config(vocab_size=vocab))
+    model = CausalLM(jax_bench_config(vocab_size=vocab, **variant["model"]))
     opt = train.make_optimizer(1e-5, total_steps=1000, weight_decay=0.0, max_grad_norm=1.0)
     key = jax.random.key(0)
     params = init_params(model, key)
     if task == "sft":
-        step = train.make_sft_step(model, opt, **variant["step"])
+        step = train.make_sft_step(model, opt)
         state = train.create_train_state(params, opt, key)
     else:
-        step = train.make_preference_step(model, opt, loss="dpo", beta=0.1, **variant["step"])
+        step = train.make_preference_step(model, opt, loss="dpo", beta=0.1)
         state = train.create_train_state(params, opt, key, ref_params=params)
     return step, state
 
@@ -119,7 +152,10 @@ def worker_jax(task: str, vocab: int, variant_name: str, batches: list) -> dict:
 
     variant = VARIANTS[variant_name]
     step, state = _jax_step(task, variant, vocab)
-    arrays = [jax.device_put(b) for b in _jax_batches(task, variant, batches)]
+    host = _jax_batches(task, variant, batches)
+    key = next(k for k in ("ids", "input_ids", "chosen_ids") if k in host[0])
+    shapes = [list(b[key].shape) for b in host]
+    arrays = [jax.device_put(b) for b in host]
     jax.block_until_ready((state, arrays))
     base = rss_mb()
     reset_high_water()
@@ -142,7 +178,8 @@ def worker_jax(task: str, vocab: int, variant_name: str, batches: list) -> dict:
     analysis = step.lower(state, longest).compile().memory_analysis()
     return {"times": times, "compile_s": max(sum(first) - sum(times), 0.0), "base_rss_mb": base,
             "peak_mb": max(first_peak, step_peak), "step_peak_mb": step_peak,
-            "xla_temp_mb": analysis.temp_size_in_bytes / 2**20, "first_loss": losses[0]}
+            "xla_temp_mb": analysis.temp_size_in_bytes / 2**20, "first_loss": losses[0],
+            "shapes": shapes}
 
 
 def _worker(args) -> dict:
