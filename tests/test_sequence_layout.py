@@ -28,6 +28,9 @@ CONFIGS = {
     "mistral_window": dataclasses.replace(TINY, sliding_window=4),
     "gemma": GEMMA,
     "gemma_scanned": dataclasses.replace(GEMMA, scan_layers=True),
+    "gemma_blockwise": dataclasses.replace(GEMMA, attention_impl="blockwise", attention_block=5),
+    "scanned_blockwise": dataclasses.replace(GEMMA, scan_layers=True, attention_impl="blockwise",
+                                             attention_block=8),
 }
 ROW = 24
 

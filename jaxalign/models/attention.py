@@ -14,11 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models.blockwise import blockwise_attention
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.layers import Projection, RMSNorm, einsum_f32
 from jaxalign.models.rope import apply_rotary
 
-__all__ = ["MASKED_SCORE", "Attention", "resolve_attention", "soft_cap"]
+__all__ = ["AUTO_BLOCKWISE_MIN_LENGTH", "MASKED_SCORE", "Attention", "cudnn_applies",
+           "resolve_attention", "soft_cap"]
 
 MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
@@ -54,12 +56,59 @@ def _project(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     return out.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
 
 
-def resolve_attention(config: TransformerConfig, length: int, *, cached: bool) -> str:
+#: ``attention_impl="auto"`` runs blockwise attention on rows of at least this many slots
+#: (CPU/TPU; measured on CPU, see README "Attention"), dense below.
+AUTO_BLOCKWISE_MIN_LENGTH = 1024
+
+
+def cudnn_applies(config: TransformerConfig) -> bool:
+    """Whether cuDNN's fused attention (``jax.nn.dot_product_attention(implementation=
+    "cudnn")``) computes this model's attention: no logit soft-capping, a 16-bit compute
+    dtype, and a head width it supports (a multiple of 8, at most 128)."""
+    head_dim = config.resolved_head_dim
+    return (config.attn_logit_softcap is None and head_dim % 8 == 0 and head_dim <= 128
+            and config.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def resolve_attention(config: TransformerConfig, length: int, *, cached: bool,
+                      backend: str | None = None) -> str:
     """Which attention a call of ``length`` query slots runs: ``"dense"`` (scores
-    ``[B, H, T, S]``) or ``"blockwise"`` (:mod:`jaxalign.models.blockwise`). Decoding with a
-    KV cache always runs dense (its queries are few)."""
-    del config, length, cached
-    return "dense"
+    ``[B, H, T, S]``), ``"blockwise"`` (:mod:`jaxalign.models.blockwise`) or ``"cudnn"``
+    (fused, GPU only). Decoding with a KV cache always runs dense (its queries are few);
+    ``config.attention_impl="auto"`` picks cuDNN on a GPU backend (``backend``, default
+    ``jax.default_backend()``) where :func:`cudnn_applies`, else blockwise from
+    :data:`AUTO_BLOCKWISE_MIN_LENGTH` slots up."""
+    impl = config.attention_impl
+    if cached or impl == "dense":
+        return "dense"
+    if impl == "blockwise":
+        return "blockwise"
+    backend = jax.default_backend() if backend is None else backend
+    if backend in ("gpu", "cuda", "rocm") and cudnn_applies(config):
+        return "cudnn"
+    return "blockwise" if length >= AUTO_BLOCKWISE_MIN_LENGTH else "dense"
+
+
+def _cudnn_attention(q, k, v, allowed, scale):
+    """cuDNN's fused attention on ``q [B, H, T, Dh]``, ``k, v [B, Hkv, T, Dh]`` with the
+    boolean mask ``allowed [B, T, S]``: ``[B, H, T, Dh]`` float32. A query that may attend to
+    nothing (padding) attends to itself, so no row of the kernel's softmax is empty."""
+    empty = ~jnp.any(allowed, axis=-1, keepdims=True)
+    allowed = allowed | (empty & jnp.eye(allowed.shape[1], allowed.shape[2], dtype=bool))
+    out = jax.nn.dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+        mask=allowed[:, None], scale=scale, implementation="cudnn")
+    return out.transpose(0, 2, 1, 3).astype(jnp.float32)
+
+
+def _dense_attention(q, k, v, allowed, scale, cap):
+    """``q [B, Hkv, G, T, Dh]`` over ``k, v [B, Hkv, S, Dh]`` through ``[B, Hkv, G, T, S]``
+    float32 scores masked by ``allowed [B, T, S]``: ``[B, Hkv, G, T, Dh]`` float32."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = soft_cap(scores * scale, cap)
+    scores = jnp.where(allowed[:, None, None], scores, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return einsum_f32("bkgts,bksd->bkgtd", probs, v, v.dtype)
 
 
 class Attention(nn.Module):
@@ -117,13 +166,18 @@ class Attention(nn.Module):
         else:
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
         # Attention runs in the dtype of the keys and values (the cache's, when decoding).
-        q = q.reshape(batch, kv_heads, heads // kv_heads, length, head_dim).astype(k.dtype)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
         scale = (head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar)
-        scores = soft_cap(scores * scale**-0.5, cfg.attn_logit_softcap)
-        scores = jnp.where(allowed[:, None, None], scores, MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = einsum_f32("bkgts,bksd->bkgtd", probs, v, v.dtype)
+        kind = resolve_attention(cfg, length, cached=layer_cache is not None)
+        if kind == "cudnn":
+            out = _cudnn_attention(q.astype(k.dtype), k, v, allowed, scale**-0.5)
+        else:
+            q = q.reshape(batch, kv_heads, heads // kv_heads, length, head_dim).astype(k.dtype)
+            if kind == "blockwise":
+                out = blockwise_attention(q, k, v, layout, scale=scale**-0.5,
+                                          soft_cap=cfg.attn_logit_softcap, window=window,
+                                          block_size=cfg.attention_block)
+            else:
+                out = _dense_attention(q, k, v, allowed, scale**-0.5, cfg.attn_logit_softcap)
         out = out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
         w_o, b_o = Projection(cfg, (heads, head_dim, d), ("heads", "head_dim", "embed"),
                               1 if cfg.o_bias else 0, name="o_proj")()

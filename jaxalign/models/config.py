@@ -19,7 +19,7 @@ import numpy as np
 from jaxalign.chunked_logprobs import DEFAULT_LOGPROB_CHUNK
 from jaxalign.settings import setting
 
-__all__ = ["ACTIVATIONS", "FAMILY_SWITCHES", "LAYER_TYPES", "PRESETS", "REMAT_POLICIES",
+__all__ = ["ACTIVATIONS", "ATTENTION_IMPLS", "FAMILY_SWITCHES", "LAYER_TYPES", "PRESETS", "REMAT_POLICIES",
            "ROPE_TYPES", "ComputeConfig", "TransformerConfig", "get_config"]
 
 
@@ -34,6 +34,7 @@ REMAT_POLICIES = {  # TransformerConfig.remat_policy -> jax.checkpoint policy
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the gate activation of the gated MLP
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")  # Hugging Face's rope_type names
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's layer_types names
+ATTENTION_IMPLS = ("dense", "blockwise", "auto")  # TransformerConfig.attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,14 @@ class TransformerConfig:
         (:func:`jaxalign.token_logprobs_from_hidden`): the ``[chunk, V]`` logits are the largest
         array the LM head builds. Compute only: it changes no parameter and no result beyond
         float32 rounding.
+      attention_impl: :data:`ATTENTION_IMPLS`: ``"dense"`` builds the ``[B, H, T, S]`` float32
+        scores; ``"blockwise"`` runs an online softmax over key blocks
+        (:mod:`jaxalign.models.blockwise`: memory linear in ``T``, forward and backward);
+        ``"auto"`` uses cuDNN's fused attention on GPU where it applies, else blockwise from
+        ``AUTO_BLOCKWISE_MIN_LENGTH`` slots up and dense below
+        (:func:`jaxalign.models.attention.resolve_attention`). Compute only, like
+        ``logprob_chunk``: results agree to float32 rounding.
+      attention_block: queries and keys per block of the blockwise kernel.
       scan_layers: run the blocks with ``nn.scan`` (one traced block, parameters stacked on a
         leading ``"layers"`` axis) instead of unrolling them (``layers_0``, ``layers_1``, ...).
         Off by default: on the 4-layer ``bench`` model, unrolled blocks compiled a
@@ -128,6 +137,8 @@ class TransformerConfig:
     remat: bool = False
     remat_policy: str = "nothing"
     logprob_chunk: int = DEFAULT_LOGPROB_CHUNK
+    attention_impl: str = "dense"
+    attention_block: int = 128
     scan_layers: bool = False
     initializer_range: float = 0.02
     o_bias: bool = False
@@ -163,6 +174,11 @@ class TransformerConfig:
             )
         if self.logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be at least 1, got {self.logprob_chunk}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got"
+                             f" {self.attention_impl!r}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be at least 1, got {self.attention_block}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be 'nothing' or 'dots', got {self.remat_policy!r}")
         if self.n_heads % self.n_kv_heads:
