@@ -77,6 +77,7 @@ def real_tokens(task: str, batch: list[tuple]) -> int:
 VARIANTS = {
     "padded": {"packing": "none", "model": {}},
     "packed": {"packing": "auto", "model": {}},
+    "packed_blockwise": {"packing": "auto", "model": {"attention_impl": "blockwise"}},
 }
 
 
