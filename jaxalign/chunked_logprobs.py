@@ -10,8 +10,10 @@ cotangents alive. :func:`token_logprobs_from_hidden` is a ``jax.custom_vjp`` tha
 * forward: per chunk of ``C`` tokens computes the ``[C, V]`` logits (float32 accumulation, bf16
   inputs allowed), their logsumexp, the target's logit and the entropy ``H = lse − E_p[x]``; if
   ``[C, V]`` would still be large it also walks the vocabulary in chunks of ``Vc`` with an
-  online (running-max) logsumexp. It keeps only ``lse`` and ``E_p[x]`` per token.
-* backward: recomputes each chunk's logits and forms ``∂/∂x = g_lp·(onehot(y) − p) −
+  online (running-max) logsumexp (the weight is laid out as ``[V/Vc, D, Vc]`` once, so no
+  loop slices it). It keeps only ``lse`` and ``E_p[x]`` per token.
+* backward: recomputes each chunk's logits (vocabulary chunks outer, token chunks inner, so
+  each ``∂W`` slice is accumulated once) and forms ``∂/∂x = g_lp·(onehot(y) − p) −
   g_H·p·(x − E_p[x])`` (times ``s·(1 − tanh²(z/c))`` through the cap), then
   ``∂h = ∂z Wᵀ`` and ``∂W += hᵀ ∂z`` chunk by chunk (``∂W`` accumulates in float32).
 
@@ -51,14 +53,34 @@ class _Spec(NamedTuple):
         return -(-self.vocab // self.vocab_chunk)
 
 
-def _vocab_slice(spec: _Spec, weight: jax.Array, k: jax.Array | int):
-    """``(weight columns [start, start + Vc), start, fresh [Vc])``. The last slice is shifted
-    left to stay inside V; its columns already seen (``fresh`` false) are masked by callers."""
+def _weight_chunks(spec: _Spec, weight: jax.Array) -> jax.Array:
+    """``weight`` as ``[n_chunks, D, Vc]`` (or ``[n_chunks, Vc, D]`` for ``[V, D]``), zero-padded
+    to a multiple of Vc: one copy per step, so no loop slices a strided weight."""
+    n, vc = spec.vocab_chunks, spec.vocab_chunk
+    if n == 1:
+        return weight[None]
+    pad = [(0, 0), (0, 0)]
+    pad[spec.vocab_axis] = (0, n * vc - spec.vocab)
+    weight = jnp.pad(weight, pad)
+    if spec.vocab_axis == 0:
+        return weight.reshape(n, vc, weight.shape[1])
+    return weight.reshape(weight.shape[0], n, vc).transpose(1, 0, 2)
+
+
+def _unchunk_weight(spec: _Spec, chunks: jax.Array) -> jax.Array:
+    """The inverse of :func:`_weight_chunks` (drops the padding)."""
     if spec.vocab_chunks == 1:
-        return weight, 0, None
-    start = jnp.minimum(k * spec.vocab_chunk, spec.vocab - spec.vocab_chunk)
-    fresh = start + jnp.arange(spec.vocab_chunk) >= k * spec.vocab_chunk
-    return jax.lax.dynamic_slice_in_dim(weight, start, spec.vocab_chunk, spec.vocab_axis), start, fresh
+        return chunks[0]
+    if spec.vocab_axis == 0:
+        return chunks.reshape(-1, chunks.shape[2])[:spec.vocab]
+    return chunks.transpose(1, 0, 2).reshape(chunks.shape[1], -1)[:, :spec.vocab]
+
+
+def _columns(spec: _Spec, k: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Vocabulary ids of chunk ``k`` and whether each is real (``None``: all are)."""
+    cols = k * spec.vocab_chunk + jnp.arange(spec.vocab_chunk)
+    real = None if spec.vocab_chunks * spec.vocab_chunk == spec.vocab else cols < spec.vocab
+    return cols, real
 
 
 def _raw_logits(spec: _Spec, hidden: jax.Array, weight: jax.Array) -> jax.Array:
@@ -74,19 +96,18 @@ def _capped(spec: _Spec, raw: jax.Array) -> tuple[jax.Array, jax.Array]:
     return spec.scale * spec.soft_cap * squashed, spec.scale * (1.0 - squashed * squashed)
 
 
-def _chunk_forward(spec: _Spec, weight: jax.Array, hidden: jax.Array, targets: jax.Array):
+def _chunk_forward(spec: _Spec, weights: jax.Array, hidden: jax.Array, targets: jax.Array):
     """``(target logit, lse, E_p[x])`` ``[C]`` each for one token chunk (online over V)."""
     rows = hidden.shape[0]
 
-    def vocab_step(carry, k):
+    def vocab_step(carry, chunk):
         top, total, weighted, picked = carry
-        w, start, fresh = _vocab_slice(spec, weight, k)
+        k, w = chunk
+        cols, real = _columns(spec, k)
         x, _ = _capped(spec, _raw_logits(spec, hidden, w))
-        cols = start + jnp.arange(x.shape[1])
         hit = cols[None, :] == targets[:, None]
-        if fresh is not None:
-            x = jnp.where(fresh[None, :], x, -jnp.inf)
-            hit = hit & fresh[None, :]
+        if real is not None:
+            x = jnp.where(real[None, :], x, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(x, axis=1))
         decay = jnp.exp(top - new_top)
         e = jnp.exp(x - new_top[:, None])
@@ -98,44 +119,30 @@ def _chunk_forward(spec: _Spec, weight: jax.Array, hidden: jax.Array, targets: j
 
     init = (jnp.full((rows,), -jnp.inf, jnp.float32),) + (jnp.zeros((rows,), jnp.float32),) * 3
     (top, total, weighted, picked), _ = jax.lax.scan(
-        vocab_step, init, jnp.arange(spec.vocab_chunks))
+        vocab_step, init, (jnp.arange(spec.vocab_chunks), weights))
     lse = top + jnp.log(total)
     return picked, lse, weighted / total
 
 
-def _chunk_backward(spec: _Spec, weight: jax.Array, grad_w: jax.Array, hidden, targets, lse,
-                    mean_x, g_lp, g_ent):
-    """``(∂hidden [C, D] float32, grad_w + this chunk's ∂W)`` for one token chunk."""
-
-    def vocab_step(carry, k):
-        g_hidden, grad_w = carry
-        w, start, fresh = _vocab_slice(spec, weight, k)
-        x, dx_dz = _capped(spec, _raw_logits(spec, hidden, w))
-        p = jnp.exp(x - lse[:, None])
-        onehot = (start + jnp.arange(x.shape[1]))[None, :] == targets[:, None]
-        g_x = g_lp[:, None] * (onehot - p)
-        if spec.with_entropy:
-            g_x = g_x - g_ent[:, None] * p * (x - mean_x[:, None])
-        g_z = g_x * dx_dz
-        if fresh is not None:
-            g_z = jnp.where(fresh[None, :], g_z, 0.0)
-        g_z_in = g_z.astype(w.dtype)
-        pattern = "cv,dv->cd" if spec.vocab_axis == 1 else "cv,vd->cd"
-        g_hidden = g_hidden + jnp.einsum(pattern, g_z_in, w, preferred_element_type=jnp.float32)
-        pattern = "cd,cv->dv" if spec.vocab_axis == 1 else "cd,cv->vd"
-        delta = jnp.einsum(pattern, hidden.astype(g_z_in.dtype), g_z_in,
-                           preferred_element_type=jnp.float32)
-        if fresh is None:
-            grad_w = grad_w + delta
-        else:
-            axis = spec.vocab_axis
-            old = jax.lax.dynamic_slice_in_dim(grad_w, start, spec.vocab_chunk, axis)
-            grad_w = jax.lax.dynamic_update_slice_in_dim(grad_w, old + delta, start, axis)
-        return (g_hidden, grad_w), None
-
-    init = (jnp.zeros(hidden.shape, jnp.float32), grad_w)
-    (g_hidden, grad_w), _ = jax.lax.scan(vocab_step, init, jnp.arange(spec.vocab_chunks))
-    return g_hidden, grad_w
+def _chunk_backward(spec: _Spec, k: jax.Array, w: jax.Array, grad_w: jax.Array, hidden,
+                    targets, lse, mean_x, g_lp, g_ent):
+    """``(grad_w + ∂W of this (token, vocabulary) chunk, ∂hidden [C, D] float32)``."""
+    cols, real = _columns(spec, k)
+    x, dx_dz = _capped(spec, _raw_logits(spec, hidden, w))
+    p = jnp.exp(x - lse[:, None])
+    onehot = cols[None, :] == targets[:, None]
+    g_x = g_lp[:, None] * (onehot - p)
+    if spec.with_entropy:
+        g_x = g_x - g_ent[:, None] * p * (x - mean_x[:, None])
+    g_z = g_x * dx_dz
+    if real is not None:
+        g_z = jnp.where(real[None, :], g_z, 0.0)
+    g_z = g_z.astype(w.dtype)
+    pattern = "cv,dv->cd" if spec.vocab_axis == 1 else "cv,vd->cd"
+    g_hidden = jnp.einsum(pattern, g_z, w, preferred_element_type=jnp.float32)
+    pattern = "cd,cv->dv" if spec.vocab_axis == 1 else "cd,cv->vd"
+    delta = jnp.einsum(pattern, hidden.astype(g_z.dtype), g_z, preferred_element_type=jnp.float32)
+    return grad_w + delta, g_hidden
 
 
 def _chunked(spec: _Spec, *arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -144,10 +151,12 @@ def _chunked(spec: _Spec, *arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def _forward(spec: _Spec, hidden, weight, targets, mask):
+    weights = _weight_chunks(spec, weight)
+
     def one(args):
         h, t, m = args
         zeros = (jnp.zeros((spec.chunk,), jnp.float32),) * 3
-        return jax.lax.cond(jnp.any(m > 0), lambda: _chunk_forward(spec, weight, h, t),
+        return jax.lax.cond(jnp.any(m > 0), lambda: _chunk_forward(spec, weights, h, t),
                             lambda: zeros)
 
     picked, lse, mean_x = jax.lax.map(one, _chunked(spec, hidden, targets, mask))
@@ -169,23 +178,31 @@ def _logprobs_fwd(spec: _Spec, hidden, weight, targets, mask):
 
 
 def _logprobs_bwd(spec: _Spec, residuals, cotangents):
+    """Outer loop over vocabulary chunks (each emits its ∂W slice), inner over token chunks
+    (each emits its ∂hidden, summed over the vocabulary chunks)."""
     hidden, weight, targets, mask, lse, mean_x = residuals
     keep = (mask > 0).astype(jnp.float32)
     g_lp, g_ent = (keep * jnp.asarray(g, jnp.float32) for g in cotangents)
+    tokens = _chunked(spec, hidden, targets, mask, lse, mean_x, g_lp, g_ent)
 
-    def one(grad_w, args):
-        h, t, m, l, mx, gl, ge = args
-        zeros = jnp.zeros(h.shape, jnp.float32)
-        return jax.lax.cond(
-            jnp.any(m > 0),
-            lambda: _chunk_backward(spec, weight, grad_w, h, t, l, mx, gl, ge)[::-1],
-            lambda: (grad_w, zeros))
+    def vocab_step(g_hidden, chunk):
+        k, w = chunk
 
-    grad_w, g_hidden = jax.lax.scan(
-        one, jnp.zeros(weight.shape, jnp.float32),
-        _chunked(spec, hidden, targets, mask, lse, mean_x, g_lp, g_ent))
-    g_hidden = g_hidden.reshape(hidden.shape).astype(hidden.dtype)
-    return g_hidden, grad_w.astype(weight.dtype), None, None
+        def token_step(grad_w, args):
+            h, t, m, l, mx, gl, ge = args
+            return jax.lax.cond(
+                jnp.any(m > 0),
+                lambda: _chunk_backward(spec, k, w, grad_w, h, t, l, mx, gl, ge),
+                lambda: (grad_w, jnp.zeros(h.shape, jnp.float32)))
+
+        grad_w, g_h = jax.lax.scan(token_step, jnp.zeros(w.shape, jnp.float32), tokens)
+        return g_hidden + g_h.reshape(g_hidden.shape), grad_w
+
+    g_hidden, grad_w = jax.lax.scan(
+        vocab_step, jnp.zeros(hidden.shape, jnp.float32),
+        (jnp.arange(spec.vocab_chunks), _weight_chunks(spec, weight)))
+    grad_w = _unchunk_weight(spec, grad_w)
+    return g_hidden.astype(hidden.dtype), grad_w.astype(weight.dtype), None, None
 
 
 _logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
