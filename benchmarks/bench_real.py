@@ -1,5 +1,6 @@
-"""DPO and SFT at real shapes: a 32k / 131k vocabulary and variable-length pairs, jaxalign
-against PyTorch + transformers done the way TRL does it.
+"""DPO and SFT at real shapes (32k / 131k vocabularies, variable-length pairs) vs PyTorch.
+
+jaxalign against PyTorch + transformers done the way TRL does it.
 
 Model: the ``bench`` trunk (d 256, 4 layers, 8/4 heads, d_ff 688, untied head) with the vocab
 of each row. Data: ``--batches`` steps of 8 preference pairs from one seeded length
@@ -22,7 +23,8 @@ log-softmax (the issue's baseline; the ratios are against it), ``pytorch fused``
 ``add_fused_lm_head`` (what ``DPOTrainer``/``SFTTrainer`` use by default now).
 
     python benchmarks/bench_real.py [--vocab 32768 131072] [--tasks dpo sft] [--batches 3]
-                                    [--variants padded ...] [--quick] [--json]
+        [--sft-vocab 32768] [--variants padded packed ...] [--torch-heads full fused] [--quick]
+        [--json]
 """
 
 from __future__ import annotations
@@ -208,10 +210,10 @@ def _spawn(name: str, vocab: int, batches: int) -> dict:
         return {"error": str(error).splitlines()[-1][:200]}
 
 
-def _row_names(task: str, variants: list[str]) -> list[tuple[str, str]]:
-    """``(worker, label)`` of each row of one task."""
+def _row_names(task: str, variants: list[str], heads: list[str]) -> list[tuple[str, str]]:
+    """``(worker, label)`` of each row of one task (the first one is the ratios' baseline)."""
     rows = [(f"{task}:torch:{head}", "pytorch" + ("" if head == "full" else " fused"))
-            for head in TORCH_HEADS]
+            for head in heads]
     return rows + [(f"{task}:jax:{v}", f"jaxalign {v}") for v in variants]
 
 
@@ -250,6 +252,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["dpo", "sft"], choices=["dpo", "sft"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="jaxalign rows")
+    parser.add_argument("--torch-heads", nargs="+", default=list(TORCH_HEADS), choices=TORCH_HEADS,
+                        help="PyTorch rows (the first is the baseline of the ratios)")
     parser.add_argument("--batches", type=int, default=3, help="steps per pass (distinct batches)")
     parser.add_argument("--sft-vocab", type=int, nargs="+", default=[32768],
                         help="vocabularies SFT runs at (a subset of --vocab)")
@@ -270,9 +274,9 @@ def main(argv=None) -> None:
             if task == "sft" and vocab not in args.sft_vocab:
                 continue
             rows = [(label, _spawn(worker, vocab, args.batches))
-                    for worker, label in _row_names(task, args.variants)]
+                    for worker, label in _row_names(task, args.variants, args.torch_heads)]
             base = rows[0][1]
-            for (worker, _), (_, r) in zip(_row_names(task, args.variants), rows):
+            for (worker, _), (_, r) in zip(_row_names(task, args.variants, args.torch_heads), rows):
                 if "error" not in r:
                     _, side, option = worker.split(":")
                     prefix = f"{task}_{vocab}_{'torch' if side == 'torch' else 'jax'}_{option}"
