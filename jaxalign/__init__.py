@@ -8,7 +8,17 @@ __version__ = "0.1.0"
 
 from jaxalign.advantages import gae, group_advantages, kl_shaped_rewards, reinforce_pp_advantages
 from jaxalign.kl_control import AdaptiveKLController, FixedKLController, KLControllerState
-from jaxalign.logprobs import gather_logprobs, sequence_logprobs, token_logprobs
+from jaxalign.logprobs import (
+    HeadTargets,
+    HeadWeight,
+    gather_logprobs,
+    group_sums,
+    logprobs_at,
+    sequence_logprobs,
+    targets_from_completion_mask,
+    token_logprobs,
+    token_logprobs_from_hidden,
+)
 from jaxalign.losses import (
     BCOBaselineState,
     aggregate_loss,
@@ -50,6 +60,8 @@ __all__ = [
     "AdaptiveKLController",
     "BCOBaselineState",
     "FixedKLController",
+    "HeadTargets",
+    "HeadWeight",
     "KLControllerState",
     "__version__",
     "aggregate_loss",
@@ -69,6 +81,7 @@ __all__ = [
     "gae",
     "gather_logprobs",
     "group_advantages",
+    "group_sums",
     "hinge_loss",
     "ipo_loss",
     "kl_penalty",
@@ -77,6 +90,7 @@ __all__ = [
     "kto_loss",
     "log1mexp",
     "log_odds",
+    "logprobs_at",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -93,6 +107,8 @@ __all__ = [
     "sequence_logprobs",
     "simpo_loss",
     "sppo_hard_loss",
+    "targets_from_completion_mask",
     "token_logprobs",
+    "token_logprobs_from_hidden",
     "value_loss",
 ]

@@ -5,6 +5,11 @@ Shift convention (the one place it is handled): a causal LM fed ``tokens [B, T]`
 returns an array aligned with ``tokens``: entry ``t`` is ``log p(tokens[t] | tokens[:t])``, taken
 from ``logits[:, t - 1]``; entry 0 has no prediction and is 0. Because the result is aligned with
 the tokens, the same ``completion_mask`` that marks completion tokens selects their log-probs.
+
+Those take ``[B, T, V]`` logits. The training steps never build them: :func:`logprobs_at`
+gathers only the hidden states that predict a counted token (a batch's :class:`HeadTargets`,
+or :func:`targets_from_completion_mask` of a padded batch) and runs them through the chunked
+head :func:`token_logprobs_from_hidden`; :func:`group_sums` adds the log-probs into sequences.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxalign.chunked_logprobs import token_logprobs_from_hidden
+
+__all__ = ["HeadTargets", "HeadWeight", "gather_logprobs", "group_sums", "logprobs_at",
+           "sequence_logprobs", "targets_from_completion_mask", "token_logprobs",
+           "token_logprobs_from_hidden"]
 from jaxalign.masking import masked_mean, masked_sum
 
 

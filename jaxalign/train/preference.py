@@ -2,8 +2,11 @@
 BCO-pair, SPPO, APO, DiscoPOP, RPO), the reference-free SimPO, CPO and ORPO, and weighted
 combinations of them (TRL's ``loss_type=[...]`` with ``loss_weights``).
 
-Chosen and rejected go through the policy in one concatenated forward pass (``[2B, L]``); the
-per-token log-probs are reduced once into completion sums and per-token means, and each loss
+Chosen and rejected go through the policy in one trunk pass: a padded batch's ``[chosen;
+rejected]`` rows (``[2B, L]``), or a packed batch's shared-prompt ``[prompt | chosen | rejected]``
+rows (``ids`` + layout + ``target_*``, see :mod:`jaxalign.train.completion`). Only completion
+positions reach the LM head, chunked (no ``[2B, L, V]`` logits); the per-token log-probs are
+reduced once into completion sums and per-token means, and each loss
 reads the one it is defined on (sums for the DPO family, as in the papers and TRL; means for
 IPO, SimPO and ORPO, as their authors do). Reference sums come either from the batch
 (``ref_chosen_logps``/``ref_rejected_logps``, precomputed once over the dataset with
