@@ -12,7 +12,11 @@ Every model is called as ``model.apply({"params": params}, tokens, attention_mas
 ``CausalLM`` and ``CausalLMWithValueHead`` also take ``cache=`` (a :class:`KVCache` from
 :func:`~jaxalign.models.transformer.init_cache`) and then return the updated cache last; their
 ``decode`` method (``apply(..., cache, method="decode")``) returns ``(logits [B, V] of the
-last position, cache)``, the step the sampler runs.
+last position, cache)``, the step the sampler runs. ``apply(..., method="hidden")`` returns the
+trunk's hidden states ``[B, T, D]`` (no head; ``layout=`` for packed rows) and
+``apply(..., method="head")`` the head's weight as a :class:`~jaxalign.logprobs.HeadWeight`, which
+is how the training steps compute log-probs at completion positions only, chunked
+(:func:`jaxalign.logprobs.logprobs_at`), without ``[B, T, V]`` logits.
 
 Parameter trees: ``{"trunk": ..., "lm_head": {"kernel": [D, V]}}`` (no ``lm_head`` with tied
 embeddings), ``{"trunk": ..., "value_head": ...}``, ``{"trunk": ..., "score_head": ...}``.
