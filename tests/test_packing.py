@@ -220,3 +220,25 @@ def test_pad_pairs_and_a_real_jsonl_file(tmp_path):
         indices = loader.indices_at(step)
         _check_batch(loader.collate(indices), [dataset.examples[i] for i in indices], "pairs",
                      loader.spec)
+
+
+def test_cli_dpo_with_packed_pairs_and_refusals(tmp_path, capsys):
+    from jaxalign import cli
+
+    words = ["cat", "dog", "sun", "moon", "tree", "fish"]
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps({
+        "prompt": f"Say {w}:" + " please" * (i % 4), "chosen": f" yes {w} good",
+        "rejected": f" no {w} bad" + " bad" * (i % 3)}) + "\n"
+        for i, w in enumerate(words * 3)))
+    tiny = json.dumps({"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64})
+    flags = ["--data", str(data), "--steps", "2", "--batch-size", "3", "--max-length", "64",
+             "--log-every", "1", "--no-progress", "--model-overrides", tiny]
+    assert cli.main(["dpo", *flags, "--out", str(tmp_path / "run"), "--packing", "pairs",
+                     "--precompute-ref"]) == 0
+    err = capsys.readouterr().err
+    assert "packing pairs: " in err and "0 examples cut to fit a row (0 tokens)" in err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert abs(metrics[0]["loss"] - np.log(2)) < 1e-5  # policy == reference at step 1
+    assert cli.main(["sft", *flags, "--out", str(tmp_path / "sft"), "--packing", "pairs"]) == 2
+    assert "sft takes --packing none or sequences, got --packing pairs" in capsys.readouterr().err

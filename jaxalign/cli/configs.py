@@ -10,13 +10,14 @@ import dataclasses
 from typing import Any
 
 from jaxalign.cli.options import ConfigError, embed, option
+from jaxalign.data import PackingConfig
 from jaxalign.models.config import ComputeConfig
 from jaxalign.train.optim import OptimizerConfig
 from jaxalign.train.preference import PreferenceConfig
 from jaxalign.train import rlhf_config
 from jaxalign.train.rlhf_config import RLHFConfig
 
-__all__ = ["PLAN_STEPS", "PREFERENCE_COMMANDS", "GRPOConfig", "LabelConfig", "PPOConfig",
+__all__ = ["PACKING_COMMANDS", "PLAN_STEPS", "PREFERENCE_COMMANDS", "GRPOConfig", "LabelConfig", "PPOConfig",
            "PlanConfig",
            "RSConfig", "TrainConfig"]
 
@@ -37,6 +38,7 @@ def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = (
 
 _REF = ("dpo", "ipo")
 PREFERENCE_COMMANDS = ("dpo", "ipo", "orpo", "kto")  # the commands of PreferenceConfig
+PACKING_COMMANDS = ("sft", "dpo", "ipo", "orpo")  # --packing sequences (sft) / pairs (the rest)
 
 
 def _mesh_option() -> Any:
@@ -87,6 +89,7 @@ class TrainConfig:
                                          type=int)
     pad_multiple: int = option(64, "batches are padded to a multiple of this (few shapes, few"
                              " compilations)", type=int)
+    pack: PackingConfig = embed(PackingConfig, after="pad_multiple", commands=PACKING_COMMANDS)
     seed: int = option(0, "seed of init, shuffling and the state's PRNG key", type=int)
     save_every: int = option(500, "checkpoint every N steps (and at the end)", type=int)
     keep: int = option(3, "checkpoints kept", type=int)

@@ -44,7 +44,10 @@ from jaxalign.cli.options import ConfigError
 from jaxalign.cli.run_dir import config_to_dict, final_dir, save_final
 from jaxalign.cli.sources import (data_texts, find_tokenizer, fixed_params, load_tokenizer,
                                   mesh_from_spec, model_source)
-from jaxalign.data import DataConfig, DataLoader, Dataset, ShardedLoader, load_jsonl, shard_lines
+from jaxalign.data import (
+    DataConfig, DataLoader, Dataset, PackedLoader, ShardedLoader, load_jsonl, pad_pairs,
+    shard_lines,
+)
 from jaxalign.distributed import is_main_process
 from jaxalign.models import PRESETS, TransformerConfig
 from jaxalign.tokenizer import Tokenizer
@@ -104,6 +107,7 @@ def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
     the shards of this process (each reads only its lines). Raises ``DataError`` on a bad
     record with 'error'."""
     expected = _DATA_KINDS[kind]
+    _check_packing(kind, config, mesh)
     num_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     if num_shards % jax.process_count():
         raise RunError(f"the mesh's data x fsdp = {num_shards} batch shards do not split over"
@@ -123,12 +127,41 @@ def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
             print(dataset.report.summary(), file=sys.stderr)
         datasets[shard] = dataset
     try:
-        loader = (DataLoader(datasets[0], config.batch_size, seed=config.seed) if mesh is None
-                  else ShardedLoader(datasets, config.batch_size, num_shards=num_shards,
-                                     seed=config.seed))
+        if config.pack.packing != "none":
+            loader = _packed_loader(kind, config, datasets, mesh)
+        elif mesh is None:
+            loader = DataLoader(datasets[0], config.batch_size, seed=config.seed)
+        else:
+            loader = ShardedLoader(datasets, config.batch_size, num_shards=num_shards,
+                                   seed=config.seed)
     except ValueError as error:
         raise RunError(str(error)) from None
     return datasets, loader
+
+
+def _check_packing(kind: str, config: TrainConfig, mesh: Any) -> None:
+    """Refuses a ``--packing`` the command cannot train on (before any data is read)."""
+    packing = config.pack.packing
+    if packing == "none":
+        return
+    wanted = "sequences" if kind == "sft" else "pairs"
+    if kind in ("rm", "kto") or packing != wanted:
+        other = "" if kind in ("rm", "kto") else f" or {wanted}"
+        raise ConfigError(f"{kind} takes --packing none{other}, got --packing {packing}")
+    if mesh is not None:
+        raise ConfigError("--packing with --mesh is not supported yet: packed batches are"
+                          " built for one device")
+
+
+def _packed_loader(kind: str, config: TrainConfig, datasets: dict[int, Dataset],
+                   mesh: Any) -> PackedLoader:
+    """``--packing``'s loader (its report printed: cut tokens, slot fill)."""
+    del mesh  # refused by _check_packing
+    loader = PackedLoader(datasets[0], config.batch_size, config.pack, seed=config.seed,
+                          include_prompt=kind == "sft" and config.include_prompt)
+    if is_main_process():
+        print(loader.report.summary(), file=sys.stderr)
+    return loader
 
 
 @functools.lru_cache(maxsize=4)
@@ -185,7 +218,7 @@ class _Job(NamedTuple):
     model: Any
     make_params: Callable[[jax.Array], Any]
     datasets: dict[int, Dataset]  # this process's data shards (one without a mesh)
-    loader: Any  # DataLoader, or ShardedLoader on a mesh
+    loader: Any  # DataLoader, ShardedLoader on a mesh, or PackedLoader (--packing)
     mesh: Any
 
 
@@ -306,6 +339,14 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
 
 def _batch_at(job: _Job, reference: Any, index: int) -> dict[str, np.ndarray]:
     """This process's rows of batch ``index`` (0-based), with their reference log-probs."""
+    if isinstance(job.loader, PackedLoader):
+        rows = job.loader.indices_at(index)
+        batch = job.loader.collate(rows)
+        if reference is not None:  # [P] pair slots, zero where no pair is
+            capacity = job.loader.spec.capacity
+            batch["ref_chosen_logps"] = pad_pairs(reference[0][0], rows, capacity)
+            batch["ref_rejected_logps"] = pad_pairs(reference[0][1], rows, capacity)
+        return batch
     if isinstance(job.loader, DataLoader):
         indices = {0: job.loader.indices_at(index)}
     else:
