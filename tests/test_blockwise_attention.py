@@ -124,7 +124,7 @@ def test_blockwise_model_equals_dense_model_with_padding_and_gradients():
     tokens = jnp.asarray(rng.integers(1, 64, (3, 21)), jnp.int32)
     slots = np.arange(21)
     mask = jnp.asarray(np.stack([slots >= 0, slots >= 8, slots < 6]).astype(np.int32))
-    dense_model = Transformer(CONFIG)
+    dense_model = Transformer(dataclasses.replace(CONFIG, attention_impl="dense"))
     block_model = Transformer(dataclasses.replace(CONFIG, attention_impl="blockwise",
                                                   attention_block=8))
     params = jax.jit(dense_model.init)(jax.random.key(0), tokens, mask)

@@ -242,3 +242,18 @@ def test_cli_dpo_with_packed_pairs_and_refusals(tmp_path, capsys):
     assert abs(metrics[0]["loss"] - np.log(2)) < 1e-5  # policy == reference at step 1
     assert cli.main(["sft", *flags, "--out", str(tmp_path / "sft"), "--packing", "pairs"]) == 2
     assert "sft takes --packing none or sequences, got --packing pairs" in capsys.readouterr().err
+
+
+def test_readme_packing_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Packing and blockwise attention\n", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    examples = _examples([(4, 3, 5), (2, 6, 2), (7, 1, 3)] * 4, "pairs")
+    namespace = {"dataset": _dataset(examples, "pairs")}
+    exec(code, namespace)  # noqa: S102
+    assert namespace["batch"]["ids"].shape == (namespace["loader"].spec.rows,
+                                               namespace["loader"].spec.length)
+    assert "packing pairs:" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def _project(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
 
 #: ``attention_impl="auto"`` runs blockwise attention on rows of at least this many slots
 #: (CPU/TPU; measured on CPU, see README "Attention"), dense below.
-AUTO_BLOCKWISE_MIN_LENGTH = 1024
+AUTO_BLOCKWISE_MIN_LENGTH = 256
 
 
 def cudnn_applies(config: TransformerConfig) -> bool:

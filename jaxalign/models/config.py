@@ -137,7 +137,7 @@ class TransformerConfig:
     remat: bool = False
     remat_policy: str = "nothing"
     logprob_chunk: int = DEFAULT_LOGPROB_CHUNK
-    attention_impl: str = "dense"
+    attention_impl: str = "auto"
     attention_block: int = 128
     scan_layers: bool = False
     initializer_range: float = 0.02
