@@ -97,7 +97,9 @@ def _capped(spec: _Spec, raw: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _chunk_forward(spec: _Spec, weights: jax.Array, hidden: jax.Array, targets: jax.Array):
-    """``(target logit, lse, E_p[x])`` ``[C]`` each for one token chunk (online over V)."""
+    """``(target logit, lse, E_p[x])`` ``[R, C]`` each for one token chunk (online over V)."""
+    shape = targets.shape
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     rows = hidden.shape[0]
 
     def vocab_step(carry, chunk):
@@ -121,12 +123,15 @@ def _chunk_forward(spec: _Spec, weights: jax.Array, hidden: jax.Array, targets: 
     (top, total, weighted, picked), _ = jax.lax.scan(
         vocab_step, init, (jnp.arange(spec.vocab_chunks), weights))
     lse = top + jnp.log(total)
-    return picked, lse, weighted / total
+    return picked.reshape(shape), lse.reshape(shape), (weighted / total).reshape(shape)
 
 
 def _chunk_backward(spec: _Spec, k: jax.Array, w: jax.Array, grad_w: jax.Array, hidden,
                     targets, lse, mean_x, g_lp, g_ent):
-    """``(grad_w + ∂W of this (token, vocabulary) chunk, ∂hidden [C, D] float32)``."""
+    """``(grad_w + ∂W of this (token, vocabulary) chunk, ∂hidden [R, C, D] float32)``."""
+    shape = hidden.shape
+    hidden, targets, lse, mean_x, g_lp, g_ent = (
+        a.reshape(-1, *a.shape[2:]) for a in (hidden, targets, lse, mean_x, g_lp, g_ent))
     cols, real = _columns(spec, k)
     x, dx_dz = _capped(spec, _raw_logits(spec, hidden, w))
     p = jnp.exp(x - lse[:, None])
@@ -142,12 +147,20 @@ def _chunk_backward(spec: _Spec, k: jax.Array, w: jax.Array, grad_w: jax.Array, 
     g_hidden = jnp.einsum(pattern, g_z, w, preferred_element_type=jnp.float32)
     pattern = "cd,cv->dv" if spec.vocab_axis == 1 else "cd,cv->vd"
     delta = jnp.einsum(pattern, hidden.astype(g_z.dtype), g_z, preferred_element_type=jnp.float32)
-    return grad_w + delta, g_hidden
+    return grad_w + delta, g_hidden.reshape(shape)
 
 
 def _chunked(spec: _Spec, *arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """``[N, ...] -> [N / C, C, ...]`` for each array."""
-    return tuple(a.reshape(a.shape[0] // spec.chunk, spec.chunk, *a.shape[1:]) for a in arrays)
+    """``[R, K, ...] -> [K / C, R, C, ...]`` for each array: chunks along the token axis, the
+    row axis kept whole, so a batch sharded over rows stays sharded inside the loops."""
+    return tuple(jnp.moveaxis(a.reshape(a.shape[0], a.shape[1] // spec.chunk, spec.chunk,
+                                        *a.shape[2:]), 1, 0) for a in arrays)
+
+
+def _unchunked(chunks: jax.Array) -> jax.Array:
+    """The inverse of :func:`_chunked`: ``[K / C, R, C, ...] -> [R, K, ...]``."""
+    chunks = jnp.moveaxis(chunks, 0, 1)
+    return chunks.reshape(chunks.shape[0], -1, *chunks.shape[3:])
 
 
 def _forward(spec: _Spec, hidden, weight, targets, mask):
@@ -155,12 +168,12 @@ def _forward(spec: _Spec, hidden, weight, targets, mask):
 
     def one(args):
         h, t, m = args
-        zeros = (jnp.zeros((spec.chunk,), jnp.float32),) * 3
+        zeros = (jnp.zeros(t.shape, jnp.float32),) * 3
         return jax.lax.cond(jnp.any(m > 0), lambda: _chunk_forward(spec, weights, h, t),
                             lambda: zeros)
 
     picked, lse, mean_x = jax.lax.map(one, _chunked(spec, hidden, targets, mask))
-    picked, lse, mean_x = (a.reshape(-1) for a in (picked, lse, mean_x))
+    picked, lse, mean_x = (_unchunked(a) for a in (picked, lse, mean_x))
     keep = mask > 0
     logps = jnp.where(keep, picked - lse, 0.0)
     entropy = jnp.where(keep, lse - mean_x, 0.0)
@@ -196,7 +209,7 @@ def _logprobs_bwd(spec: _Spec, residuals, cotangents):
                 lambda: (grad_w, jnp.zeros(h.shape, jnp.float32)))
 
         grad_w, g_h = jax.lax.scan(token_step, jnp.zeros(w.shape, jnp.float32), tokens)
-        return g_hidden + g_h.reshape(g_hidden.shape), grad_w
+        return g_hidden + _unchunked(g_h), grad_w
 
     g_hidden, grad_w = jax.lax.scan(
         vocab_step, jnp.zeros(hidden.shape, jnp.float32),
@@ -243,6 +256,9 @@ def token_logprobs_from_hidden(
       targets: ``[...]`` int token ids predicted from each hidden state.
       mask: ``[...]``; positions with ``mask <= 0`` give 0 and no gradient (default all ones).
       chunk_size: tokens per chunk (default :data:`DEFAULT_LOGPROB_CHUNK`); need not divide N.
+        With ``hidden [R, K, D]`` the chunks run along ``K`` over all ``R`` rows at once
+        (``chunk_size // R`` slots of each row, at least 1), so rows sharded over a mesh stay
+        sharded.
       vocab_chunk_size: vocabulary columns per chunk (default: all of V unless
         ``chunk_size·V`` exceeds :data:`MAX_CHUNK_LOGITS`); need not divide V.
       with_entropy: also return the entropy of each position's softmax.
@@ -264,18 +280,21 @@ def token_logprobs_from_hidden(
     chunk = DEFAULT_LOGPROB_CHUNK if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    lead, n = targets.shape, math.prod(targets.shape)
-    if n == 0:
+    lead = targets.shape
+    if math.prod(lead) == 0:
         empty = jnp.zeros(lead, jnp.float32)
         return (empty, empty) if with_entropy else empty
-    chunk = min(chunk, n)
+    rows = lead[0] if len(lead) > 1 else 1  # [R, K...]: chunks run along K, all R rows at once
+    width = math.prod(lead) // rows
+    per_row = min(max(chunk // rows, 1), width)
     vocab = weight.shape[vocab_axis]
-    spec = _Spec(chunk, vocab, _vocab_chunk(vocab, chunk, vocab_chunk_size),
+    spec = _Spec(per_row, vocab, _vocab_chunk(vocab, per_row * rows, vocab_chunk_size),
                  None if soft_cap is None else float(soft_cap), float(logit_scale),
                  bool(with_entropy), vocab_axis)
-    pad = -n % chunk
-    flat = lambda a, *tail: jnp.pad(a.reshape(n, *tail), ((0, pad),) + ((0, 0),) * len(tail))  # noqa: E731
+    pad = -width % per_row
+    flat = lambda a, *tail: jnp.pad(  # noqa: E731
+        a.reshape(rows, width, *tail), ((0, 0), (0, pad)) + ((0, 0),) * len(tail))
     logps, entropy = _logprobs(spec, flat(hidden, hidden.shape[-1]), weight,
                                flat(targets.astype(jnp.int32)), flat(mask.astype(jnp.float32)))
-    logps, entropy = logps[:n].reshape(lead), entropy[:n].reshape(lead)
+    logps, entropy = logps[:, :width].reshape(lead), entropy[:, :width].reshape(lead)
     return (logps, entropy) if with_entropy else logps

@@ -176,8 +176,9 @@ def logprobs_at(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``log p(token[r, k] | hidden[r, source[r, k]])`` ``[R, K]`` (0 where not ``valid``).
 
-    Only the gathered positions reach the head, valid ones first, so chunks holding only
-    invalid slots are skipped (:func:`token_logprobs_from_hidden`).
+    Only the gathered positions reach the head, each row's valid ones first, so chunks
+    holding only invalid slots are skipped (:func:`token_logprobs_from_hidden`); rows stay a
+    separate axis throughout (a batch sharded over rows stays sharded).
 
     Args:
       hidden: ``[R, T, D]`` final hidden states.
@@ -195,15 +196,15 @@ def logprobs_at(
         raise ValueError(f"hidden must be [R, T, D] and source/token/valid [R, K]; got hidden "
                          f"{hidden.shape}, source {source.shape}, token {token.shape}, valid "
                          f"{valid.shape}")
-    rows, length, width = hidden.shape
-    flat_source = (jnp.arange(rows, dtype=jnp.int32)[:, None] * length + source).reshape(-1)
-    order = jnp.argsort(~valid.reshape(-1), stable=True)  # valid slots first
-    picked = jnp.take(hidden.reshape(rows * length, width), flat_source[order], axis=0)
+    order = jnp.argsort(~valid, axis=1, stable=True)  # each row's valid slots first
+    sort = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    picked = jnp.take_along_axis(hidden, sort(source)[:, :, None], axis=1)  # [R, K, D]
     outputs = token_logprobs_from_hidden(
-        picked, head.weight, token.reshape(-1)[order], valid.reshape(-1)[order],
-        chunk_size=chunk_size, with_entropy=with_entropy, soft_cap=head.soft_cap,
-        logit_scale=logit_scale, weight_layout=head.layout)
-    unsort = lambda x: jnp.zeros_like(x).at[order].set(x).reshape(source.shape)  # noqa: E731
+        picked, head.weight, sort(token), sort(valid), chunk_size=chunk_size,
+        with_entropy=with_entropy, soft_cap=head.soft_cap, logit_scale=logit_scale,
+        weight_layout=head.layout)
+    inverse = jnp.argsort(order, axis=1)
+    unsort = lambda x: jnp.take_along_axis(x, inverse, axis=1)  # noqa: E731
     return tuple(map(unsort, outputs)) if with_entropy else unsort(outputs)
 
 

@@ -29,7 +29,8 @@ def dense_outputs(hidden, weight, targets, mask, *, layout, cap, scale):
 
 
 def _draw_problem(data):
-    n = data.draw(st.integers(1, 24), label="N")
+    rows = data.draw(st.sampled_from([None, 2, 3]), label="rows")  # None: hidden [N, D]
+    n = data.draw(st.integers(1, 8 if rows else 24), label="N") * (rows or 1)
     d = data.draw(st.integers(1, 6), label="D")
     v = data.draw(st.integers(2, 40), label="V")
     seed = data.draw(st.integers(0, 2**16), label="seed")
@@ -47,6 +48,7 @@ def _draw_problem(data):
         "soft_cap": data.draw(st.sampled_from([None, 2.5]), label="cap"),
         "logit_scale": data.draw(st.sampled_from([1.0, 0.7]), label="scale"),
     }
+    options["lead"] = (n,) if rows is None else (rows, n // rows)
     return (hidden, weight, targets, mask, cotangents, layout), options
 
 
@@ -54,11 +56,13 @@ def _draw_problem(data):
 @given(st.data())
 def test_chunked_equals_dense_values_and_gradients(data):
     (hidden, weight, targets, mask, cot, layout), options = _draw_problem(data)
-    cap, scale = options["soft_cap"], options["logit_scale"]
+    cap, scale, lead = options["soft_cap"], options["logit_scale"], options.pop("lead")
 
-    def chunked(h, w):
+    def chunked(h, w):  # [R, K, D] rows (chunked along K) or [N, D]
         logps, entropy = token_logprobs_from_hidden(
-            h, w, targets, mask, with_entropy=True, weight_layout=layout, **options)
+            h.reshape(*lead, -1), w, targets.reshape(lead), mask.reshape(lead), with_entropy=True,
+            weight_layout=layout, **options)
+        logps, entropy = logps.reshape(-1), entropy.reshape(-1)
         return jnp.sum(cot[0] * logps) + jnp.sum(cot[1] * entropy), (logps, entropy)
 
     def dense(h, w):
