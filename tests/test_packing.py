@@ -240,6 +240,10 @@ def test_cli_dpo_with_packed_pairs_and_refusals(tmp_path, capsys):
     assert "packing pairs: " in err and "0 examples cut to fit a row (0 tokens)" in err
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert abs(metrics[0]["loss"] - np.log(2)) < 1e-5  # policy == reference at step 1
+    assert cli.main(["dpo", *flags, "--out", str(tmp_path / "mesh"), "--packing", "pairs",
+                     "--batch-size", "4", "--mesh", "data=2", "--precompute-ref"]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "mesh" / "metrics.jsonl").open()]
+    assert abs(metrics[0]["loss"] - np.log(2)) < 1e-5 and metrics[1]["loss"] < metrics[0]["loss"]
     assert cli.main(["sft", *flags, "--out", str(tmp_path / "sft"), "--packing", "pairs"]) == 2
     assert "sft takes --packing none or sequences, got --packing pairs" in capsys.readouterr().err
 
@@ -257,3 +261,34 @@ def test_readme_packing_example_runs(capsys):
     assert namespace["batch"]["ids"].shape == (namespace["loader"].spec.rows,
                                                namespace["loader"].spec.length)
     assert "packing pairs:" in capsys.readouterr().out
+
+
+def test_sharded_packing_renumbers_groups_into_one_global_batch():
+    from jaxalign.data import ShardedPackedLoader
+
+    examples = _examples([(3, 4, 5), (2, 2, 2), (6, 1, 3), (1, 5, 2)] * 4, "pairs")
+    shards = {k: _dataset(examples[k::2], "pairs") for k in range(2)}
+    loader = ShardedPackedLoader(shards, 4, PackingConfig(packing="pairs"), num_shards=2)
+    spec = loader.spec
+    assert {tuple(s.spec) for s in loader.shards.values()} == {tuple(spec)}
+    global_spec = spec._replace(rows=2 * spec.rows, capacity=2 * spec.capacity)
+    for step in range(3):
+        indices = loader.indices_at(step)
+        batch = loader.collate(indices)
+        # shard k's pairs sit in pair slots k·P ... and their groups are numbered globally
+        pairs = [shards[k].examples[i] for k in (0, 1) for i in indices[k]]
+        order = [*indices[0], *([None] * (spec.capacity - len(indices[0]))), *indices[1]]
+        assert batch["pair_valid"].tolist() == [float(i is not None) for i in order] + [0.0] * (
+            2 * spec.capacity - len(order))
+        position = {int(slot): n for n, slot in enumerate(np.flatnonzero(batch["pair_valid"]))}
+        capacity = global_spec.capacity
+
+        def relabel(group):  # global group -> the group of pair n of `pairs` in a compact batch
+            if group < 0:
+                return -1
+            rejected = group >= capacity
+            return position[int(group) - capacity * rejected] + len(pairs) * rejected
+
+        compact = dict(batch, target_group=np.vectorize(relabel)(batch["target_group"]))
+        compact["pair_valid"] = np.ones(len(pairs), np.float32)
+        _check_batch(compact, pairs, "pairs", global_spec._replace(capacity=len(pairs)))

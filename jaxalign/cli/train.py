@@ -45,8 +45,8 @@ from jaxalign.cli.run_dir import config_to_dict, final_dir, save_final
 from jaxalign.cli.sources import (data_texts, find_tokenizer, fixed_params, load_tokenizer,
                                   mesh_from_spec, model_source)
 from jaxalign.data import (
-    DataConfig, DataLoader, Dataset, PackedLoader, ShardedLoader, load_jsonl, pad_pairs,
-    shard_lines,
+    DataConfig, DataLoader, Dataset, PackedLoader, ShardedLoader, ShardedPackedLoader,
+    load_jsonl, pad_pairs, shard_lines,
 )
 from jaxalign.distributed import is_main_process
 from jaxalign.models import PRESETS, TransformerConfig
@@ -107,7 +107,7 @@ def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
     the shards of this process (each reads only its lines). Raises ``DataError`` on a bad
     record with 'error'."""
     expected = _DATA_KINDS[kind]
-    _check_packing(kind, config, mesh)
+    _check_packing(kind, config)
     num_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     if num_shards % jax.process_count():
         raise RunError(f"the mesh's data x fsdp = {num_shards} batch shards do not split over"
@@ -139,7 +139,7 @@ def _load_data(kind: str, config: TrainConfig, tokenizer: Tokenizer,
     return datasets, loader
 
 
-def _check_packing(kind: str, config: TrainConfig, mesh: Any) -> None:
+def _check_packing(kind: str, config: TrainConfig) -> None:
     """Refuses a ``--packing`` the command cannot train on (before any data is read)."""
     packing = config.pack.packing
     if packing == "none":
@@ -148,17 +148,20 @@ def _check_packing(kind: str, config: TrainConfig, mesh: Any) -> None:
     if kind in ("rm", "kto") or packing != wanted:
         other = "" if kind in ("rm", "kto") else f" or {wanted}"
         raise ConfigError(f"{kind} takes --packing none{other}, got --packing {packing}")
-    if mesh is not None:
-        raise ConfigError("--packing with --mesh is not supported yet: packed batches are"
-                          " built for one device")
 
 
 def _packed_loader(kind: str, config: TrainConfig, datasets: dict[int, Dataset],
-                   mesh: Any) -> PackedLoader:
-    """``--packing``'s loader (its report printed: cut tokens, slot fill)."""
-    del mesh  # refused by _check_packing
-    loader = PackedLoader(datasets[0], config.batch_size, config.pack, seed=config.seed,
-                          include_prompt=kind == "sft" and config.include_prompt)
+                   mesh: Any) -> PackedLoader | ShardedPackedLoader:
+    """``--packing``'s loader (its report printed: cut tokens, slot fill); on a mesh every
+    data shard packs its own rows into one shared shape."""
+    include_prompt = kind == "sft" and config.include_prompt
+    if mesh is None:
+        loader = PackedLoader(datasets[0], config.batch_size, config.pack, seed=config.seed,
+                              include_prompt=include_prompt)
+    else:
+        loader = ShardedPackedLoader(datasets, config.batch_size, config.pack,
+                                     num_shards=mesh.shape["data"] * mesh.shape["fsdp"],
+                                     seed=config.seed, include_prompt=include_prompt)
     if is_main_process():
         print(loader.report.summary(), file=sys.stderr)
     return loader
@@ -346,6 +349,15 @@ def _batch_at(job: _Job, reference: Any, index: int) -> dict[str, np.ndarray]:
             capacity = job.loader.spec.capacity
             batch["ref_chosen_logps"] = pad_pairs(reference[0][0], rows, capacity)
             batch["ref_rejected_logps"] = pad_pairs(reference[0][1], rows, capacity)
+        return batch
+    if isinstance(job.loader, ShardedPackedLoader):
+        indices = job.loader.indices_at(index)
+        batch = job.loader.collate(indices)
+        if reference is not None:
+            capacity = job.loader.spec.capacity
+            for side, column in (("chosen", 0), ("rejected", 1)):
+                batch[f"ref_{side}_logps"] = np.concatenate([
+                    pad_pairs(reference[k][column], rows, capacity) for k, rows in indices.items()])
         return batch
     if isinstance(job.loader, DataLoader):
         indices = {0: job.loader.indices_at(index)}

@@ -59,7 +59,7 @@ pure function of `(seed, step)`, so resuming from `state()` replays exactly the 
 from jaxalign.data._dataset import Dataset, load_jsonl, read_records
 from jaxalign.data._loader import DataLoader, ShardedLoader, shard_lines
 from jaxalign.data._packed_loader import (
-    PackedLoader, PackingConfig, PackingReport, PackSpec, pad_pairs,
+    PackedLoader, PackingConfig, PackingReport, PackSpec, ShardedPackedLoader, pad_pairs,
 )
 from jaxalign.data._types import (
     RECORD_KINDS,
@@ -76,6 +76,6 @@ from jaxalign.data._types import (
 __all__ = [
     "RECORD_KINDS", "BadRecord", "DataConfig", "DataError", "DataLoader", "DataReport",
     "Dataset", "Example", "PackSpec", "PackedLoader", "PackingConfig", "PackingReport",
-    "ShardedLoader", "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl",
+    "ShardedLoader", "ShardedPackedLoader", "bucket_length", "detect_file_kind", "detect_kind", "load_jsonl",
     "pad_pairs", "read_records", "shard_lines",
 ]

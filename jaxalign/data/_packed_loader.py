@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -132,6 +133,85 @@ class PackedLoader:
         self.step = int(state["step"])
 
 
+class ShardedPackedLoader:
+    """Packed batches assembled from ``num_shards`` data shards, for a mesh that splits the rows.
+
+    Shard ``k`` (the lines ``≡ k + 1 (mod num_shards)``, as :class:`ShardedLoader`) is packed by
+    its own :class:`PackedLoader` (seed ``(seed, k)``, ``batch_size / num_shards`` records on
+    average) into the same :class:`PackSpec`; batch ``step`` is shard ``k``'s rows
+    ``k·rows … (k+1)·rows − 1`` and pair slots ``k·P … (k+1)·P − 1`` of the global batch, with
+    its target groups renumbered globally (chosen ``k·P + p``, rejected ``N·P + k·P + p`` for
+    ``N`` shards). A process loads only its shards (``datasets``: ``{k: Dataset}``); the shape
+    must then not depend on the data, so with fewer shards than ``num_shards`` here
+    ``pack_length``, ``pack_rows`` and ``pack_targets`` must be given.
+    """
+
+    def __init__(self, datasets: Mapping[int, Dataset], batch_size: int, config: PackingConfig,
+                 *, num_shards: int, seed: int = 0, include_prompt: bool = False) -> None:
+        if batch_size % num_shards:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {num_shards} data"
+                             " shards of the mesh (data x fsdp)")
+        unset = [f"pack_{name}" for name in ("length", "rows", "targets")
+                 if getattr(config, f"pack_{name}") is None]
+        if len(datasets) < num_shards and unset:
+            raise ValueError(f"packing data shards over several processes needs {', '.join(unset)}"
+                             " set: every process must build the same batch shape")
+        first = next(iter(datasets.values()))
+        per_shard = batch_size // num_shards
+        examples = [e for dataset in datasets.values() for e in dataset.examples]
+        spec = default_spec(examples, config.packing, per_shard, config,
+                            pad_multiple=first.config.pad_multiple, include_prompt=include_prompt)
+        fixed = dataclasses.replace(config, pack_length=spec.length, pack_rows=spec.rows,
+                                    pack_capacity=spec.capacity, pack_targets=spec.targets)
+        self.shards = {k: PackedLoader(dataset, per_shard, fixed, seed=seed * 1_000_003 + k,
+                                       include_prompt=include_prompt)
+                       for k, dataset in sorted(datasets.items())}
+        self.spec, self.num_shards, self.seed, self.batch_size = spec, num_shards, seed, batch_size
+        self.step = 0
+        reports = [loader.report for loader in self.shards.values()]
+        local = len(self.shards)  # the report: this process's part of the global batches
+        self.report = PackingReport(
+            config.packing, spec._replace(rows=local * spec.rows, capacity=local * spec.capacity),
+            *(sum(getattr(r, name) for r in reports) for name in (
+                "num_examples", "num_cut", "tokens_cut", "real_tokens")),
+            slots=local * max(r.batches for r in reports) * spec.rows * spec.length,
+            batches=max(r.batches for r in reports))
+
+    def indices_at(self, step: int) -> dict[int, np.ndarray]:
+        """``{shard: example indices}`` of batch ``step`` (this process's shards)."""
+        return {k: loader.indices_at(step) for k, loader in self.shards.items()}
+
+    def collate(self, indices: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch of ``indices`` (from :meth:`indices_at`)."""
+        capacity = self.spec.capacity
+        parts = []
+        for k, rows in indices.items():
+            part = self.shards[k].collate(rows)
+            group = part["target_group"]
+            rejected = group >= capacity
+            part["target_group"] = np.where(
+                group < 0, -1, np.where(rejected, self.num_shards * capacity + k * capacity
+                                        + group - capacity, k * capacity + group))
+            parts.append(part)
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        return self.collate(self.indices_at(step))
+
+    def state(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "num_shards": self.num_shards, "pack_spec": list(self.spec)}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continues from ``state()``; refuses a state of another seed, batch, sharding or shape."""
+        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
+                             ("num_shards", self.num_shards), ("pack_spec", list(self.spec))):
+            if state.get(key) != current:
+                raise ValueError(f"loader state has {key}={state.get(key)}"
+                                 f" but this loader has {key}={current}")
+        self.step = int(state["step"])
+
+
 def pad_pairs(values: np.ndarray, indices: np.ndarray, capacity: int) -> np.ndarray:
     """``values[indices]`` zero-padded to the ``capacity`` pair slots (e.g. reference log-probs
     ``[N]`` of a packed batch)."""
@@ -140,4 +220,5 @@ def pad_pairs(values: np.ndarray, indices: np.ndarray, capacity: int) -> np.ndar
     return out
 
 
-__all__ = ["PackSpec", "PackedLoader", "PackingConfig", "PackingReport", "pad_pairs"]
+__all__ = ["PackSpec", "PackedLoader", "PackingConfig", "PackingReport", "ShardedPackedLoader",
+           "pad_pairs"]
