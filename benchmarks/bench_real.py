@@ -231,18 +231,18 @@ def _summary_keys(prefix: str, r: dict, base: dict | None) -> dict:
 
 def _print_table(task: str, vocab: int, rows: list[tuple[str, dict]]) -> None:
     print(f"\n{task.upper()}, vocab {vocab}")
-    print(f"{'':<22}{'s/step':>8}{'real tok/s':>12}{'speed':>7}{'compile s':>10}{'peak MB':>9}"
+    print(f"{'':<27}{'s/step':>8}{'real tok/s':>12}{'speed':>7}{'compile s':>10}{'peak MB':>9}"
           f"{'memory':>8}{'step MB':>9}{'XLA temp MB':>12}{'loss@0':>8}")
     base = rows[0][1]
     for label, r in rows:
         if "error" in r:
-            print(f"{label:<22}  failed: {r['error']}")
+            print(f"{label:<27}  failed: {r['error']}")
             continue
         ok = "error" not in base
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if ok else "-"
         memory = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if ok else "-"
         temp = f"{r['xla_temp_mb']:.0f}" if "xla_temp_mb" in r else "-"
-        print(f"{label:<22}{r['step_s']:>8.2f}{r['tokens_per_s']:>12.0f}{speed:>7}{r['compile_s']:>10.1f}"
+        print(f"{label:<27}{r['step_s']:>8.2f}{r['tokens_per_s']:>12.0f}{speed:>7}{r['compile_s']:>10.1f}"
               f"{r['peak_mb']:>9.0f}{memory:>8}{r['step_peak_mb']:>9.0f}{temp:>12}{r['first_loss']:>8.3f}")
 
 
