@@ -71,7 +71,8 @@ def test_small_dpo_plan_matches_a_real_run_and_counts_flops_exactly():
     """data=2, fsdp=2, tensor=2. The state as a run creates and places it (``shard_state``), the
     batch as ``shard_batch`` splits it: the same shardings as the planned inputs, and on every
     device exactly the bytes the plan reports. Without remat the compiled dots are the model
-    FLOPs (3 policy forwards, 1 reference forward); cost_analysis counts one scanned layer."""
+    FLOPs (3 policy forwards, 1 reference forward) plus the chunked head's recomputation;
+    cost_analysis counts one scanned layer."""
     planned = plan_cli.compile_plan(_config(step="dpo", mesh="data=2,fsdp=2,tensor=2"))
     result, built = planned.report, planned.built
     causal_lm = CausalLM(plan_cli.model_config(_config()))
@@ -101,7 +102,13 @@ def test_small_dpo_plan_matches_a_real_run_and_counts_flops_exactly():
     # XLA's own count leaves out inputs the step never reads (here one boolean scalar)
     assert 0 <= mem["arguments"] - mem["arguments_xla"] <= 8
     flops = result["flops_per_device"]
-    assert flops["compiled"] == pytest.approx(flops["model"], rel=1e-6)
+    # The chunked LM head reads only the T - 1 = 63 positions that predict a token and
+    # recomputes their logits in the backward pass: per row, the reference forward plus the
+    # policy's forward, recomputation and two gradient matmuls are 5 x 63 head positions where
+    # the model count has 4 x 64. Per device: 2 of the 8 rows (data x fsdp = 4) and half the
+    # vocabulary (tensor = 2), 2 * D * V / 2 FLOPs per position (tiny: D = 64, V = 512).
+    recompute = 2 * (5 * 63 - 4 * 64) * (2 * 64 * 512 // 2)
+    assert flops["compiled"] == pytest.approx(flops["model"] + recompute, rel=1e-6)
     assert flops["cost_analysis"] < 0.9 * flops["compiled"]
     assert result["loops_without_trip_count"] == 0
 
@@ -136,15 +143,16 @@ print(json.dumps({"planned_temp": planned.report["bytes_per_device"]["temp"],
 def test_temp_bytes_are_within_a_quarter_of_the_measured_peak_growth():
     """One device, in a fresh process (no earlier test's freed memory to reuse): the peak RSS
     growth of the planned SFT program's first run (VmHWM reset just before it) against its
-    planned temp bytes, ~0.3 GB here (full-vocabulary logits and their gradient)."""
-    values = {**SMALL, "model_overrides": {"vocab_size": 16384}, "batch_size": 8,
+    planned temp bytes, ~0.2 GB here (activations of 32 x 256 tokens and the chunked LM head's
+    [chunk, V / 2] buffers; no full-vocabulary logits)."""
+    values = {**SMALL, "model_overrides": {"vocab_size": 16384}, "batch_size": 32,
               "max_length": 256, "step": "sft"}
     done = subprocess.run([sys.executable, "-c", _TEMP_SCRIPT, json.dumps(values)],
                           capture_output=True, text=True, check=False,
                           env=plan_cli._child_env(1))
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    assert measured["planned_temp"] > 2**28
+    assert measured["planned_temp"] > 2**27
     assert measured["planned_temp"] == pytest.approx(measured["growth"], rel=0.25)
 
 
