@@ -166,3 +166,24 @@ def test_bad_arguments_name_what_is_wrong(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         token_logprobs_from_hidden(**args)
+
+
+def test_readme_example_runs_and_equals_the_dense_head():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Log-probs without [B, T, V] logits\n", 1)[1].split("\n## ", 1)[0]
+    namespace = {}
+    exec(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0], namespace)  # noqa: S102
+    hidden, kernel = namespace["hidden"], namespace["kernel"]
+    logits = 30.0 * jnp.tanh(hidden[0] @ kernel / 30.0)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    np.testing.assert_allclose(namespace["logps"], log_p[jnp.arange(7), jnp.arange(7)],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(namespace["entropy"], -jnp.sum(jnp.exp(log_p) * log_p, -1),
+                               rtol=1e-5, atol=1e-6)
+    plain = jax.nn.log_softmax(hidden @ kernel, axis=-1)
+    np.testing.assert_allclose(namespace["at"][1, :2], [plain[1, 5, 4], plain[1, 6, 5]],
+                               rtol=1e-5, atol=1e-6)
+    assert namespace["at"][1, 2] == 0
