@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxalign.models.attention import _dense_attention
 from jaxalign.models.blockwise import blockwise_attention
-from jaxalign.models.layout import SequenceLayout, allowed_mask
+from jaxalign.models.layout import SequenceLayout, allowed_mask, block_allowed
 
 TOKENS, KV_HEADS, GROUPS, HEAD_DIM = 4096, 4, 2, 32
 
@@ -64,7 +64,6 @@ def _scan_checkpoint(q, k, v, layout, *, scale, block):
     def step(carry, xs):
         m, l, acc = carry
         k_j, v_j, meta_j, j = xs
-        from jaxalign.models.layout import block_allowed
         allowed = block_allowed(layout, meta_j, slots, j * block + jnp.arange(block), None)
         s = jnp.einsum("bkgqd,bksd->bkgqs", q, k_j) * scale
         s = jnp.where(allowed[:, None, None], s, -jnp.inf)

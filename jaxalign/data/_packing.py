@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,7 +36,6 @@ from jaxalign.data._types import Example
 from jaxalign.settings import setting
 
 PACKING_MODES = ("none", "pairs", "sequences")
-Packing = Literal["none", "pairs", "sequences"]
 
 
 @dataclasses.dataclass(frozen=True)
