@@ -161,3 +161,16 @@ def test_rlhf_policy_logps_and_entropy_equal_the_dense_logits_at_temperature(nam
     (_, want), want_grads = jax.value_and_grad(dense, has_aux=True)(params)
     _assert_trees_close(got, want, atol=1e-5)
     _assert_trees_close(got_grads, want_grads, atol=1e-5)
+
+
+def test_logprob_chunk_flag_reaches_the_model_config_and_is_checked():
+    from jaxalign import cli
+
+    _, config = cli.parse_args(["dpo", "--data", "x.jsonl", "--out", "o", "--logprob-chunk",
+                                "256"])
+    assert config.compute.overrides() == {"logprob_chunk": 256}
+    _, config = cli.parse_args(["sft", "--data", "x.jsonl", "--out", "o"])
+    assert "logprob_chunk" not in config.compute.overrides()  # the model's own, 1024
+    assert TransformerConfig().logprob_chunk == 1024
+    with pytest.raises(ValueError, match="logprob_chunk must be at least 1, got 0"):
+        TransformerConfig(logprob_chunk=0)
