@@ -199,6 +199,7 @@ def logprobs_at(
     order = jnp.argsort(~valid, axis=1, stable=True)  # each row's valid slots first
     sort = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
     picked = jnp.take_along_axis(hidden, sort(source)[:, :, None], axis=1)  # [R, K, D]
+    picked = picked.astype(head.weight.dtype)  # the head's compute dtype, as the dense head
     outputs = token_logprobs_from_hidden(
         picked, head.weight, sort(token), sort(valid), chunk_size=chunk_size,
         with_entropy=with_entropy, soft_cap=head.soft_cap, logit_scale=logit_scale,
