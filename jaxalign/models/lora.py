@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxalign.models.config import LORA_TARGETS, TransformerConfig
 from jaxalign.models.lora_layer import ADAPTER_NAMES, PROJECTIONS, TRAINABLE_HEADS, input_ndim
 
-__all__ = ["adapter_params", "base_params", "has_adapters", "init_lora", "is_lora",
+__all__ = ["add_adapters", "adapter_params", "base_params", "has_adapters", "init_lora", "is_lora",
            "lora_parameter_count", "merge_lora", "parse_lora_targets", "reference_params",
            "trainable_mask", "unmerge_lora", "with_lora", "without_lora"]
 
@@ -96,6 +96,11 @@ def adapter_params(params: Any) -> Any:
 def base_params(params: Any) -> Any:
     """``params`` without adapters: the base model, adapters off (no array is copied)."""
     return _walk(dict(params), lambda path: not _is_adapter(path))
+
+
+def add_adapters(params: Any, adapters: Any) -> Any:
+    """``params`` with the leaves of ``adapters`` (same nesting) added or replaced."""
+    return _combine(dict(params), adapters)
 
 
 def _combine(base: Any, extra: Any) -> Any:
