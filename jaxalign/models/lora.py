@@ -27,8 +27,9 @@ import jax.numpy as jnp
 
 from jaxalign.models.config import LORA_TARGETS, TransformerConfig
 from jaxalign.models.lora_layer import ADAPTER_NAMES, PROJECTIONS, TRAINABLE_HEADS, input_ndim
+from jaxalign.settings import setting
 
-__all__ = ["add_adapters", "adapter_params", "base_params", "has_adapters", "init_lora", "is_lora",
+__all__ = ["LoraConfig", "add_adapters", "adapter_params", "base_params", "has_adapters", "init_lora", "is_lora",
            "lora_parameter_count", "merge_lora", "parse_lora_targets", "reference_params",
            "trainable_mask", "unmerge_lora", "with_lora", "without_lora"]
 
@@ -45,6 +46,42 @@ def parse_lora_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
         raise ValueError(f"lora_targets={spec!r}: choose from {', '.join(LORA_TARGETS)} or"
                          " all-linear")
     return tuple(n for n in LORA_TARGETS if n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA settings a training command exposes (``--lora-rank``, ...); rank 0 trains every
+    parameter. Defaults as PEFT/TRL users expect: alpha ``2 · r``, every linear projection of
+    the blocks (PEFT's ``all-linear``: attention and MLP, not the LM head)."""
+
+    lora_rank: int = setting(0, "LoRA rank r: train rank-r adapters with the base weights"
+                             " frozen (0: train every parameter)")
+    lora_alpha: float | None = setting(None, "LoRA alpha: the update is (alpha / r) x A B"
+                                       " (none: 2 r)")
+    lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "projections that get adapters,"
+                                            " from q,k,v,o,gate,up,down, or all-linear")
+    lora_adapter: str | None = setting(None, "start the adapters from a PEFT adapter"
+                                       " directory (adapter_config.json and"
+                                       " adapter_model.safetensors; its rank, alpha and"
+                                       " targets are used)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be at least 0, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lora_rank) or self.lora_adapter is not None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``model`` with these adapters (itself when ``lora_rank`` is 0)."""
+        if not self.lora_rank:
+            return model
+        return with_lora(model, self.lora_rank, alpha=self.lora_alpha,
+                         targets=self.lora_targets)
 
 
 def is_lora(model_or_config: Any) -> bool:
