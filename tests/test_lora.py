@@ -153,3 +153,44 @@ def test_reward_model_trains_adapters_and_score_head(base):
         reward_params)
     assert float(jnp.abs(grads["trunk"]["embedding"]).max()) == 0.0  # frozen: stopped
     assert float(jnp.abs(grads["score_head"]["kernel"]).max()) > 0.0
+
+
+def test_lora_dpo_on_a_mesh_equals_one_device_with_adapters_sharded_like_their_kernels():
+    from jaxalign import sharding
+
+    model = CausalLM(get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                n_kv_heads=2, d_ff=64, max_len=32))
+    lora_model = lora.with_lora(model, 4)
+    optimizer = lora_optimizer(steps.make_optimizer(3e-3, total_steps=4))
+
+    def make_params(key):
+        return lora.init_lora(lora_model, init_params(model, key), jax.random.fold_in(key, 1))
+
+    def run(mesh):
+        if mesh is None:
+            state = steps.create_train_state(make_params(jax.random.key(0)), optimizer,
+                                             jax.random.key(1))
+        else:
+            state = steps.create_sharded_train_state(
+                make_params, optimizer, jax.random.key(1), mesh=mesh, model=lora_model,
+                params_key=jax.random.key(0))
+        step = steps.make_preference_step(lora_model, optimizer, loss="dpo", beta=0.5, mesh=mesh)
+        history = []
+        for _ in range(2):  # the second step runs on trained (non-zero) adapters
+            batch = _pairs(8)
+            state, metrics = step(state, batch if mesh is None
+                                  else sharding.shard_batch(batch, mesh))
+            history.append(jax.device_get(metrics))
+        return state, history
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    (one, one_history), (sharded, sharded_history) = run(None), run(mesh)
+    for got, want in zip(sharded_history, one_history):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
+    attn = sharded.params["trunk"]["layers_0"]["attn"]
+    assert attn["q_proj"]["lora_a"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert attn["q_proj"]["lora_b"].sharding.spec[:2] == (None, "tensor")
+    assert attn["o_proj"]["lora_a"].sharding.spec[:1] == ("tensor",)
+    for got, want in zip(jax.tree.leaves(jax.device_get(sharded.params)),
+                         jax.tree.leaves(jax.device_get(one.params))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=3e-4)
