@@ -178,6 +178,7 @@ def worker_torch(shape: str, use_lora: bool, steps: int) -> dict:
     start = time.perf_counter()
     run()
     first_s = time.perf_counter() - start
+    opt.zero_grad(set_to_none=True)  # gradients live within a step, as in jaxalign's
     return {**_timed(run, steps), "compile_s": first_s,
             "trainable": int(sum(p.numel() for p in trainable))}
 
