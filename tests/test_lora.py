@@ -5,6 +5,8 @@ dense ``x (W + s A B)`` in float64 numpy; a LoRA DPO run's loss falls while the 
 stay bit-identical and the optimiser holds state for the adapters alone.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,9 +143,9 @@ def test_lora_dpo_trains_only_the_adapters(base):
     assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(lora.adapter_params(trained)))
 
 
-def test_reward_model_trains_adapters_and_score_head(base):
-    model, params = base
-    reward_model = lora.with_lora(RewardModel(CONFIG), 2, targets="q,v")
+def test_bf16_reward_model_trains_float32_adapters_and_its_score_head():
+    bf16 = dataclasses.replace(CONFIG, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    reward_model = lora.with_lora(RewardModel(bf16), 2, targets="q,v")
     reward_params = lora.init_lora(reward_model, init_params(reward_model, jax.random.key(5)),
                                    jax.random.key(6))
     mask = lora.trainable_mask(reward_params)
@@ -151,10 +153,14 @@ def test_reward_model_trains_adapters_and_score_head(base):
     assert mask["trunk"]["layers_0"]["attn"]["q_proj"] == {
         "kernel": False, "lora_a": True, "lora_b": True}
     assert "lora_a" not in mask["trunk"]["layers_0"]["attn"]["k_proj"]
+    q_proj = reward_params["trunk"]["layers_0"]["attn"]["q_proj"]
+    assert q_proj["kernel"].dtype == jnp.bfloat16 and q_proj["lora_a"].dtype == jnp.float32
     grads = jax.jit(jax.grad(lambda p: jnp.sum(reward_model.apply({"params": p}, _tokens()))))(
         reward_params)
     assert float(jnp.abs(grads["trunk"]["embedding"]).max()) == 0.0  # frozen: stopped
     assert float(jnp.abs(grads["score_head"]["kernel"]).max()) > 0.0
+    a_grad = grads["trunk"]["layers_0"]["attn"]["q_proj"]["lora_a"]
+    assert a_grad.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a_grad)))
 
 
 def test_lora_dpo_on_a_mesh_equals_one_device_with_adapters_sharded_like_their_kernels():

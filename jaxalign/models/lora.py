@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxalign.models.config import LORA_TARGETS, TransformerConfig
 from jaxalign.models.lora_layer import ADAPTER_NAMES, PROJECTIONS, TRAINABLE_HEADS, input_ndim
+from jaxalign.models.transformer import stack_layer_params, unstack_layer_params
 from jaxalign.settings import setting
 
 __all__ = ["LoraConfig", "add_adapters", "adapter_params", "base_params", "has_adapters", "init_lora", "is_lora",
@@ -179,7 +180,6 @@ def init_lora(model: nn.Module, params: Any, key: jax.Array) -> Any:
         return adapter_params(nn.meta.unbox(model.init(key, dummy)["params"]))
 
     adapters = jax.jit(fresh)(key)
-    from jaxalign.models.transformer import stack_layer_params, unstack_layer_params
     n_layers = model.config.n_layers
     scanned = "layers" in params.get("trunk", {})
     adapters = (stack_layer_params if scanned else unstack_layer_params)(adapters, n_layers)
