@@ -17,7 +17,12 @@ is the high-water mark over the timed steps after resetting it (``clear_refs``),
 is ``peak - base``. jaxalign also reports XLA's ``memory_analysis()`` temp bytes of the step.
 Step time is the fastest of ``--steps`` steps; tokens/s counts chosen + rejected tokens.
 
-    python benchmarks/bench_lora.py [--steps 3] [--skip-big] [--json]
+``--sequential-scheduler`` adds both jaxalign steps compiled with XLA:CPU's
+concurrency-optimised scheduler off (``--xla_cpu_enable_concurrency_optimized_scheduler=false``),
+which trades its parallelism for fewer live temporaries.
+
+    python benchmarks/bench_lora.py [--steps 3] [--shapes bench,100m] [--sequential-scheduler]
+                                    [--json]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ THREADS, RANK, ALPHA, SEQ, PROMPT = 2, 16, 32.0, 128, 32
 SHAPES = {"bench": ({}, 8),
           "100m": (dict(vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                         d_ff=2048), 2)}
+SEQUENTIAL = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -189,9 +195,10 @@ def _row(name: str, r: dict, tokens: int) -> str:
             f"{r['peak_mb']:>9.0f}{r['step_mb']:>9.0f}{temp}{r['trainable'] / 1e6:>10.2f}")
 
 
-def _measure(shape: str, steps: int, torch_too: bool) -> dict:
+def _measure(shape: str, steps: int, torch_too: bool, sequential: bool) -> dict:
     script = os.path.abspath(__file__)
-    names = ["jax_full", "jax_lora"] + (["torch_full", "torch_lora"] if torch_too else [])
+    names = ["jax_full", "jax_lora"] + (["jaxseq_full", "jaxseq_lora"] if sequential else [])
+    names += ["torch_full", "torch_lora"] if torch_too else []
     return {n: spawn_worker(script, n, "--shape", shape, "--steps", str(steps)) for n in names}
 
 
@@ -208,6 +215,14 @@ def _summary(shape: str, results: dict) -> dict:
                                                             3),
                     f"{shape}_lora_tokens_per_s_vs_peft": round(peft_run["step_s"]
                                                                 / low["step_s"], 3)})
+    if "jaxseq_lora" in results:
+        seq = results["jaxseq_lora"]
+        out.update({f"{shape}_seq_lora_peak_vs_full": round(seq["peak_mb"] / full["peak_mb"], 3),
+                    f"{shape}_seq_lora_peak_vs_seq_full": round(
+                        seq["peak_mb"] / results["jaxseq_full"]["peak_mb"], 3)})
+        if "torch_lora" in results:
+            out[f"{shape}_seq_lora_peak_vs_peft"] = round(
+                seq["peak_mb"] / results["torch_lora"]["peak_mb"], 3)
     for name, r in results.items():
         out.update({f"{shape}_{name}_{k}": round(v, 3) for k, v in r.items() if k != "loss"})
     return out
@@ -216,14 +231,19 @@ def _summary(shape: str, results: dict) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
-    parser.add_argument("--skip-big", action="store_true", help="only the bench shape")
+    parser.add_argument("--shapes", default="bench,100m", help="model shapes, of bench,100m")
+    parser.add_argument("--sequential-scheduler", action="store_true",
+                        help="also the jaxalign steps with XLA's concurrency-optimised"
+                        " scheduler off")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="bench", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         side, kind = args.worker.split("_")
-        worker = worker_jax if side == "jax" else worker_torch
+        if side == "jaxseq":  # before JAX is imported
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SEQUENTIAL}"
+        worker = worker_torch if side == "torch" else worker_jax
         print(json.dumps(worker(args.shape, kind == "lora", args.steps)))
         return
     try:
@@ -233,8 +253,8 @@ def main(argv=None) -> None:
     except ImportError:
         torch_too = False
     summary = {}
-    for shape in ["bench"] + ([] if args.skip_big else ["100m"]):
-        results = _measure(shape, args.steps, torch_too)
+    for shape in args.shapes.split(","):
+        results = _measure(shape, args.steps, torch_too, args.sequential_scheduler)
         summary.update(_summary(shape, results))
         if not args.json:
             tokens = 2 * SHAPES[shape][1] * SEQ
@@ -243,8 +263,8 @@ def main(argv=None) -> None:
             print(f"{'step':<16}{'s/step':>8}{'tokens/s':>10}{'base':>9}{'peak':>9}"
                   f"{'step':>9}{'XLA tmp':>9}{'train M':>10}")
             for name, r in results.items():
-                print(_row(name.replace("jax", "jaxalign").replace("torch_lora", "torch+peft"),
-                           r, tokens))
+                label = name.replace("jaxseq", "jaxalign-seq").replace("jax_", "jaxalign_")
+                print(_row(label.replace("torch_lora", "torch+peft"), r, tokens))
     print(json.dumps(summary))
 
 
