@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_steps.py
 	$(PY) benchmarks/bench_rlhf.py
+	$(PY) benchmarks/bench_lora.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -12,6 +12,7 @@ from typing import Any
 from jaxalign.cli.options import ConfigError, embed, option
 from jaxalign.data import PackingConfig
 from jaxalign.models.config import ComputeConfig
+from jaxalign.models.lora import LoraConfig
 from jaxalign.train.optim import OptimizerConfig
 from jaxalign.train.preference import PreferenceConfig
 from jaxalign.train import rlhf_config
@@ -37,6 +38,9 @@ def _check(config: Any, positive: tuple[str, ...], optional: tuple[str, ...] = (
 
 
 _REF = ("dpo", "ipo")
+_LORA_COMMANDS = ("sft", "rm", "dpo", "ipo", "orpo")  # and ppo / grpo
+_EXPORT_ADAPTER = ("also save the final LoRA adapters in PEFT's format (adapter_config.json,"
+                   " adapter_model.safetensors) in DIR/adapter; --export-hf merges them")
 PREFERENCE_COMMANDS = ("dpo", "ipo", "orpo", "kto")  # the commands of PreferenceConfig
 PACKING_COMMANDS = ("sft", "dpo", "ipo", "orpo")  # --packing sequences (sft) / pairs (the rest)
 
@@ -62,6 +66,7 @@ class TrainConfig:
                                  " run: fields that keep its weights, e.g. max_len)", type=dict,
                                  metavar="JSON")
     compute: ComputeConfig = embed(ComputeConfig, after="model_overrides")
+    lora: LoraConfig = embed(LoraConfig, after="model_overrides", commands=_LORA_COMMANDS)
     mesh: str | None = _mesh_option()
     tokenizer: str | None = option(None, "tokenizer.json or a directory holding one (default: the"
                                  " model's, or a byte-level BPE trained on --data and saved in"
@@ -99,6 +104,7 @@ class TrainConfig:
                               " skipped and counted (skip)", choices=("error", "skip"))
     export_hf: bool = option(False, "also save the final model as HF safetensors in DIR/hf",
                            type=bool)
+    export_adapter: bool = option(False, _EXPORT_ADAPTER, type=bool, commands=_LORA_COMMANDS)
     progress: bool = option(True, "tqdm progress bar (off: a log line per logged step)", type=bool)
 
     def __post_init__(self) -> None:
@@ -108,6 +114,9 @@ class TrainConfig:
             raise ConfigError("precompute_ref fixes the reference log-probs, but ref_sync_every"
                               f"={self.preference.ref_sync_every} moves the reference (TR-DPO):"
                               " choose one")
+        if self.lora.enabled and self.preference.ref_sync_every is not None:
+            raise ConfigError("ref_sync_every moves a reference copy of the weights (TR-DPO); a"
+                              " LoRA run's reference is the base model with no copy: choose one")
 
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of ``jaxalign.train.make_optimizer`` (the schedule spans the
@@ -183,6 +192,8 @@ class PPOConfig(_PolicyRunConfig):
     """Everything one ``jaxalign ppo`` run depends on (RLHF knobs as in :class:`RLHFConfig`)."""
 
     mesh: str | None = _mesh_option()
+    lora: LoraConfig = embed(LoraConfig, after="model_overrides")
+    export_adapter: bool = option(False, _EXPORT_ADAPTER, type=bool)
     steps: int = option(100, "RLHF iterations (sample, score, PPO update); the LR schedule spans"
                         " them", type=int)
     stop_at: int | None = option(None, "stop after this iteration with a checkpoint, as if"

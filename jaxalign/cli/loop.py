@@ -205,7 +205,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 # Options that do not change a run's trajectory: resuming with others changed is allowed but
 # warned about (the metrics then differ from an uninterrupted run's).
 BOOKKEEPING_OPTIONS = ("out", "resume", "progress", "save_every", "keep", "log_every",
-                       "stop_at", "export_hf", "on_bad_record", "tokenizer")
+                       "stop_at", "export_hf", "export_adapter", "on_bad_record", "tokenizer")
 
 
 def checkpointed_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict, Any]], *,

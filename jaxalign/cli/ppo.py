@@ -40,6 +40,7 @@ import numpy as np
 from jaxalign import distributed, sharding
 from jaxalign import train as steps
 from jaxalign.cli.configs import GRPOConfig, PPOConfig
+from jaxalign.cli.lora import lora_source, optimizer_for
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
 from jaxalign.cli.options import ConfigError
@@ -49,7 +50,7 @@ from jaxalign.cli.sources import PolicyRun, load_policy_run, mesh_from_spec, sto
 from jaxalign.data import DataLoader
 from jaxalign.distributed import is_main_process
 from jaxalign.models import (
-    CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm,
+    CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm, lora,
 )
 from jaxalign.train.rlhf import init_rlhf_state, make_rlhf_step, rlhf_state_models
 
@@ -86,8 +87,9 @@ def _rlhf_fns(policy: Any, value: Any, reward: Any, rlhf_config: Any, policy_opt
     """``(step, policy_optimizer, value_optimizer, schedule)`` (cached: a process running
     several jobs on one model, e.g. a resume, compiles once). ``rewards``: the Python reward
     functions that score instead of ``reward``."""
-    policy_optimizer = steps.make_optimizer(**dict(policy_options))
-    value_optimizer = steps.make_optimizer(**dict(value_options)) if value is not None else None
+    policy_optimizer = optimizer_for(policy, steps.make_optimizer(**dict(policy_options)))
+    value_optimizer = (optimizer_for(value, steps.make_optimizer(**dict(value_options)))
+                       if value is not None else None)  # LoRA: the adapters (and head) only
     step = make_rlhf_step(policy, value, reward, rlhf_config, policy_optimizer=policy_optimizer,
                           value_optimizer=value_optimizer, mesh=mesh,
                           **(rewards.step_options() if rewards is not None else {}))
@@ -152,6 +154,12 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
     # Read and check everything (the whole prompts file too) before writing anything.
     kind = "grpo" if isinstance(config, GRPOConfig) else "ppo"
     run = load_policy_run(kind, config, mesh)
+    policy, make_policy_params = lora_source(run.policy, run.make_policy_params, config.lora,
+                                             seed=config.seed, flag=f"--policy {config.policy}")
+    run = run._replace(policy=policy, make_policy_params=make_policy_params)
+    if config.export_adapter and not lora.is_lora(policy):
+        raise ConfigError("--export-adapter writes LoRA adapters: give --lora-rank or"
+                          " --lora-adapter (or a LoRA --policy run)")
     rewards = text_reward_spec(config, run.tokenizer, len(run.prompts))
     rlhf_config = config.rlhf_config(eos_id=stop_tokens(run.tokenizer),
                                      pad_id=run.tokenizer.padding_id)
@@ -202,7 +210,7 @@ def _finish(config: PPOConfig, run: PolicyRun, result: Any, start: int,
     if result.step == config.steps:
         final, hf_dir = save_final(out, kind, CausalLM(run.policy.config),
                                    causal_lm_params(result.state.policy_params), run.tokenizer,
-                                   result.step, config.export_hf)
+                                   result.step, config.export_hf, config.export_adapter)
     metrics = result.final_metrics
     summary = summarize(kind, result, start=start, total=config.steps, out=out, final=final,
                         hf_dir=hf_dir, final_score=metrics.get("score/mean"),

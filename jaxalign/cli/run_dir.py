@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxalign import sharding
-from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_params, save_hf
+from jaxalign.models import CausalLM, RewardModel, TransformerConfig, init_params
 from jaxalign.models.config import FAMILY_SWITCHES
+from jaxalign.models.lora_peft import save_merged_hf, save_peft_adapter
 from jaxalign.cli.loop import RunError
 from jaxalign.distributed import is_main_process
 from jaxalign.tokenizer import Tokenizer
@@ -90,10 +91,12 @@ def load_final(path: str | os.PathLike,
 
 
 def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokenizer,
-               step: int, export_hf: bool) -> tuple[Path, Path | None]:
+               step: int, export_hf: bool,
+               export_adapter: bool = False) -> tuple[Path, Path | None]:
     """Writes ``out/final`` (params, config.json, tokenizer) and, with ``export_hf``, ``out/hf``
-    so that :func:`load_final` and ``--init-from`` read it. Every process calls it (the params
-    save is collective); only process 0 writes the rest."""
+    (a LoRA model's adapters merged in) so that :func:`load_final` and ``--init-from`` read it;
+    with ``export_adapter``, a LoRA model's adapters in PEFT's format in ``out/adapter``. Every
+    process calls it (the params save is collective); only process 0 writes the rest."""
     final = out / "final"
     final.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
@@ -107,8 +110,8 @@ def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokeniz
         (final / "config.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(final / "tokenizer")
     hf_dir = None
-    if export_hf:
-        hf_dir = out / "hf"
+    if export_hf or export_adapter:
+        hf_dir = out / "hf" if export_hf else None
         if jax.process_count() > 1:  # every process takes part in the gather
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -122,6 +125,11 @@ def save_final(out: Path, kind: str, model: Any, params: Any, tokenizer: Tokeniz
                    "eos_token_id": stops[0] if len(stops) == 1 else (list(stops) or None)}
             ids = {k: v for k, v in ids.items() if v is not None}
             generation = {**ids, **(tokenizer.generation_config or {})}  # the checkpoint's wins
-            tokenizer.save(hf_dir)  # first: save_hf's generation_config.json is the merged one
-            save_hf(model, params, hf_dir, extra_config=ids, generation_config=generation)
+            if export_hf:
+                tokenizer.save(hf_dir)  # first: save_hf's generation_config.json is the merged one
+            if export_adapter:
+                save_peft_adapter(model, params, out / "adapter")
+            if export_hf:
+                save_merged_hf(model, params, hf_dir, extra_config=ids,
+                               generation_config=generation)
     return final, hf_dir

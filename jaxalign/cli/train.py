@@ -38,6 +38,7 @@ from jaxalign import distributed, sharding
 from jaxalign import train as steps
 from jaxalign.batching import map_batches
 from jaxalign.cli.configs import PREFERENCE_COMMANDS as _PREFERENCE, TrainConfig
+from jaxalign.cli.lora import lora_source, optimizer_for
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
 from jaxalign.cli.options import ConfigError
@@ -49,7 +50,7 @@ from jaxalign.data import (
     load_jsonl, pad_pairs, shard_lines,
 )
 from jaxalign.distributed import is_main_process
-from jaxalign.models import PRESETS, TransformerConfig
+from jaxalign.models import PRESETS, TransformerConfig, lora
 from jaxalign.tokenizer import Tokenizer
 
 __all__ = ["initial_model", "train"]
@@ -188,7 +189,7 @@ def _training_fns(kind: str, model: Any, optimizer_options: tuple, step_options:
     (cached, so a process running several jobs on one model, e.g. a demo or a resume, compiles
     once)."""
     options = dict(optimizer_options)
-    optimizer = steps.make_optimizer(**options)
+    optimizer = optimizer_for(model, steps.make_optimizer(**options))  # LoRA: adapters only
     step_options = {**dict(step_options), "mesh": mesh}
     if kind == "sft":
         step = steps.make_sft_step(model, optimizer, **step_options)
@@ -244,6 +245,11 @@ def _read_job(kind: str, config: TrainConfig) -> _Job:
     resuming = prepare_out(out, resume=config.resume)
     tokenizer, new_tokenizer = _load_tokenizer(config, out, resuming)
     model, make_params = _config_model_source(kind, config, tokenizer, mesh)
+    model, make_params = lora_source(model, make_params, config.lora, seed=config.seed,
+                                     flag=f"--model {config.model}")
+    if config.export_adapter and not lora.is_lora(model):
+        raise ConfigError("--export-adapter writes LoRA adapters: give --lora-rank or"
+                          " --lora-adapter (or --init-from a LoRA run)")
     datasets, loader = _load_data(kind, config, tokenizer, model.config, mesh)
     return _Job(out, resuming, tokenizer, new_tokenizer, model, make_params, datasets, loader,
                 mesh)
@@ -266,10 +272,11 @@ def _initial_state(kind: str, config: TrainConfig, job: _Job, optimizer: Any,
             params = jax.jit(make_params, out_shardings=sharding.param_shardings(
                 model, shapes, mesh))(init_key)
         size = config.batch_size // len(job.datasets) if mesh is not None else config.batch_size
-        reference = {k: _reference_logps(model, params, d, max(size, 1))
+        ref_params = lora.base_params(params) if lora.is_lora(model) else params
+        reference = {k: _reference_logps(model, ref_params, d, max(size, 1))
                      for k, d in job.datasets.items()}
         make_params = fixed_params(params)
-    with_reference = needs_reference and not precompute
+    with_reference = needs_reference and not precompute and not lora.is_lora(model)
     if mesh is not None:
         state = steps.create_sharded_train_state(
             make_params, optimizer, state_key, mesh=mesh, model=model, params_key=init_key,
@@ -328,7 +335,7 @@ def train(kind: str, config: TrainConfig) -> dict[str, Any]:
     final = hf_dir = None
     if result.step == config.steps:
         final, hf_dir = save_final(out, kind, model, result.state.params, job.tokenizer,
-                                   result.step, config.export_hf)
+                                   result.step, config.export_hf, config.export_adapter)
     summary = summarize(kind, result, start=start, total=config.steps, out=out, final=final,
                         hf_dir=hf_dir, final_loss=result.final_metrics.get("loss"))
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"

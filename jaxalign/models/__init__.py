@@ -1,5 +1,5 @@
 """Stateless ``flax.linen`` models: a Llama-style trunk with the switches of today's families,
-its heads, and Hugging Face interop."""
+its heads, LoRA adapters, and Hugging Face (and PEFT) interop."""
 
 from jaxalign.models.config import PRESETS, ComputeConfig, TransformerConfig, get_config
 from jaxalign.models.heads import (
@@ -15,6 +15,18 @@ from jaxalign.models.heads import (
     value_params_from_reward_model,
 )
 from jaxalign.models.hf import FAMILIES, load_hf, read_hf_config, save_hf
+from jaxalign.models.lora import (
+    LoraConfig,
+    adapter_params,
+    base_params,
+    init_lora,
+    merge_lora,
+    trainable_mask,
+    unmerge_lora,
+    with_lora,
+    without_lora,
+)
+from jaxalign.models.lora_peft import load_peft_adapter, save_merged_hf, save_peft_adapter
 from jaxalign.models.transformer import (
     LOGICAL_AXIS_NAMES,
     KVCache,
@@ -34,23 +46,35 @@ __all__ = [
     "CausalLMWithValueHead",
     "ComputeConfig",
     "KVCache",
+    "LoraConfig",
     "RewardModel",
     "SequenceLayout",
     "Transformer",
     "TransformerConfig",
     "ValueModel",
+    "adapter_params",
+    "base_params",
     "get_config",
     "init_cache",
     "causal_lm_params",
     "init_head_from_causal_lm",
+    "init_lora",
     "init_params",
     "last_token_index",
     "load_hf",
+    "load_peft_adapter",
     "logical_axes",
+    "merge_lora",
     "positions_from_mask",
     "read_hf_config",
     "save_hf",
+    "save_merged_hf",
+    "save_peft_adapter",
     "stack_layer_params",
+    "trainable_mask",
+    "unmerge_lora",
     "unstack_layer_params",
     "value_params_from_reward_model",
+    "with_lora",
+    "without_lora",
 ]

@@ -19,8 +19,9 @@ import numpy as np
 from jaxalign.chunked_logprobs import DEFAULT_LOGPROB_CHUNK
 from jaxalign.settings import setting
 
-__all__ = ["ACTIVATIONS", "ATTENTION_IMPLS", "FAMILY_SWITCHES", "LAYER_TYPES", "PRESETS", "REMAT_POLICIES",
-           "ROPE_TYPES", "ComputeConfig", "TransformerConfig", "get_config"]
+__all__ = ["ACTIVATIONS", "ATTENTION_IMPLS", "FAMILY_SWITCHES", "LAYER_TYPES", "LORA_TARGETS",
+           "PRESETS", "REMAT_POLICIES", "ROPE_TYPES", "ComputeConfig", "TransformerConfig",
+           "get_config"]
 
 
 def _as_dtype(value: Any) -> np.dtype:
@@ -35,6 +36,7 @@ ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the gate activation of the gated 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")  # Hugging Face's rope_type names
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's layer_types names
 ATTENTION_IMPLS = ("dense", "blockwise", "auto")  # TransformerConfig.attention_impl
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections that take adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,16 @@ class TransformerConfig:
         ``original_max_position_embeddings``; ``dynamic``: ``max_position_embeddings``).
       family: the Hugging Face ``model_type`` the model exports as (``None``: ``qwen2`` with
         q/k/v biases, else ``llama``, as before).
+
+    LoRA (Hu et al. 2021, arXiv:2106.09685; :mod:`jaxalign.models.lora`):
+      lora_rank: ``r`` of the low-rank adapters ``A [d_in, r]``, ``B [r, d_out]`` on the
+        ``lora_targets`` projections (0: no adapters). With adapters the base weights are
+        frozen (their gradients are stopped) and only the adapters (and a value/score head)
+        train.
+      lora_alpha: the update is ``(alpha / r) · x A B``; ``None`` means ``2 · r``.
+      lora_targets: the projections that get adapters (:data:`LORA_TARGETS` names).
+      lora_dropout: dropout on the adapters' input (PEFT's ``lora_dropout``), applied when the
+        forward pass is given a ``"dropout"`` rng.
     """
 
     vocab_size: int = 256
@@ -161,12 +173,17 @@ class TransformerConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int | None = None
     family: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype))
         object.__setattr__(self, "dtype", _as_dtype(self.dtype))
         if self.layer_types is not None:  # a JSON list from a saved config: hashable again
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
@@ -193,6 +210,7 @@ class TransformerConfig:
         self._check_switches()
 
     def _check_switches(self) -> None:
+        self._check_lora()
         if self.mlp_activation not in ACTIVATIONS:
             raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got "
                              f"{self.mlp_activation!r}")
@@ -210,6 +228,25 @@ class TransformerConfig:
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window"
                                  " is None")
+
+    def _check_lora(self) -> None:
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets:
+            raise ValueError(f"lora_targets must name some of {LORA_TARGETS}, got"
+                             f" {self.lora_targets!r}")
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"need lora_rank >= 0 and 0 <= lora_dropout < 1, got lora_rank="
+                             f"{self.lora_rank}, lora_dropout={self.lora_dropout}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+
+    @property
+    def lora_scale(self) -> float:
+        """``alpha / r`` of the adapters (``alpha`` defaults to ``2 · r``); 0 without them."""
+        if not self.lora_rank:
+            return 0.0
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return float(alpha) / self.lora_rank
 
     @property
     def resolved_head_dim(self) -> int:

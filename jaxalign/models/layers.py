@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models.config import TransformerConfig
+from jaxalign.models.lora_layer import LoraKernel, adapt, freeze
 
 __all__ = ["MLP", "Projection", "RMSNorm", "activation", "einsum_f32", "logical_param"]
 
@@ -24,11 +25,14 @@ def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tu
     logical ``axes``; initialised ``normal(config.initializer_range)`` unless ``init`` is given."""
     if init is None:
         init = nn.initializers.normal(config.initializer_range)
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, config.param_dtype)
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, config.param_dtype)
+    return freeze(module, value, config)  # LoRA: base weights frozen
 
 
 def einsum_f32(subscripts: str, x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     """``einsum`` of ``x`` and ``y`` cast to ``dtype``, accumulated and returned in float32."""
+    if isinstance(y, LoraKernel):
+        return y.einsum(subscripts, x, dtype)
     return jnp.einsum(subscripts, x.astype(dtype), y.astype(dtype),
                       preferred_element_type=jnp.float32)
 
@@ -87,7 +91,8 @@ class Projection(nn.Module):
         if self.bias_ndim:
             bias = logical_param(self, "bias", self.shape[-self.bias_ndim:],
                                  self.axes[-self.bias_ndim:], cfg, nn.initializers.zeros_init())
-        return kernel.astype(cfg.dtype), None if bias is None else bias.astype(cfg.dtype)
+        kernel = adapt(self, kernel.astype(cfg.dtype), self.axes, cfg)
+        return kernel, None if bias is None else bias.astype(cfg.dtype)
 
 
 def _plus_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:

@@ -14,6 +14,7 @@ the whole RLHF iteration (sample, score, advantages, PPO epochs) as one compiled
 they share).
 """
 
+from jaxalign.train.lora import lora_optimizer, trainable_opt_state
 from jaxalign.train.optim import (
     MasterWeightsState,
     OptimizerConfig,
@@ -64,6 +65,7 @@ from jaxalign.train.state import (
 )
 
 __all__ = [
+    "trainable_opt_state",
     "ADVANTAGE_ESTIMATORS",
     "CompiledStep",
     "GRPOConfig",
@@ -88,6 +90,7 @@ __all__ = [
     "kl_controller",
     "learning_rate_schedule",
     "make_loss_step",
+    "lora_optimizer",
     "make_optimizer",
     "make_preference_step",
     "make_reference_logps_fn",

@@ -180,6 +180,8 @@ def optimizer_schedule(
 
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     """Total updates skipped for non-finite gradients (0 if the optimiser does not skip)."""
+    if isinstance(opt_state, optax.MultiTransformState):  # train.lora.lora_optimizer
+        opt_state = getattr(opt_state.inner_states["trainable"], "inner_state", opt_state)
     if isinstance(opt_state, MasterWeightsState):
         opt_state = opt_state.inner
     total = getattr(opt_state, "total_notfinite", None)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign import losses as L
+from jaxalign.models.lora import reference_params
 from jaxalign.settings import setting
 from jaxalign.train.completion import batch_layout, batch_targets, group_logps
 from jaxalign.train.state import TrainState, make_loss_step
@@ -351,9 +352,10 @@ def make_preference_step(
     def add_reference_logps(state, batch):
         # Outside value_and_grad: computed inside it, the reference forward ran about twice as
         # slowly on the bench config (DPO 1.32 s vs 0.66 s with precomputed log-probs).
-        if not config.needs_reference or "ref_chosen_logps" in batch or state.ref_params is None:
+        ref_params = reference_params(state.ref_params, state.params)  # LoRA: adapters off
+        if not config.needs_reference or "ref_chosen_logps" in batch or ref_params is None:
             return state, batch
-        return state, {**batch, **reference_logps(model, state.ref_params, batch)}
+        return state, {**batch, **reference_logps(model, ref_params, batch)}
 
     def loss_fn(params, state, batch):
         return preference_loss(model, params, batch, state.ref_params, config)

@@ -59,6 +59,7 @@ from jaxalign.logprobs import logprobs_at
 from jaxalign.losses import kl_penalty
 from jaxalign.masking import masked_mean
 from jaxalign.models import value_params_from_reward_model
+from jaxalign.models.lora import has_adapters, reference_params
 from jaxalign.sampling import is_stop_token, make_generate
 from jaxalign.train import rlhf_advantages as stages
 from jaxalign.train.rlhf_config import GRPOConfig, RLHFConfig
@@ -118,7 +119,9 @@ def init_rlhf_state(
     """
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     ref_params = (copy(policy_params if ref_params is None else ref_params)
-                  if config.uses_reference else None)
+                  if config.uses_reference and (ref_params is not None
+                                                or not has_adapters(policy_params)) else None)
+    # (A LoRA policy keeps no reference copy: its reference is the tree with adapters off.)
     # The step donates the state: a reward model initialised from the policy's trunk would
     # otherwise share buffers with it ("donate the same buffer twice").
     reward_params = None if reward_params is None else copy(reward_params)
@@ -214,7 +217,8 @@ def _score(forwards: _Forwards, config: RLHFConfig, state: RLHFState, rollout: d
                                                          prompt_len, completion, mask)
     rollout_entropy = masked_mean(entropies, valid)
     if config.uses_reference:
-        ref_logps, _, _ = forwards.policy(state.ref_params, ids, attn, prompt_len, completion,
+        ref = reference_params(state.ref_params, state.policy_params)  # LoRA: adapters off
+        ref_logps, _, _ = forwards.policy(ref, ids, attn, prompt_len, completion,
                                           mask, with_entropy=False)
         kl = jnp.where(valid, kl_penalty(old_logps, ref_logps,
                                          estimator=config.kl_estimator_used), 0.0)

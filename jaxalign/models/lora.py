@@ -1,0 +1,251 @@
+"""LoRA as transformations of a parameter tree (Hu et al. 2021, arXiv:2106.09685).
+
+A LoRA model is the same model with ``config.lora_rank > 0`` (:func:`with_lora`); its
+parameter tree is the base tree plus ``lora_a [*in, r]`` / ``lora_b [r, *out]`` leaves next to
+the ``kernel`` of every targeted projection (:mod:`jaxalign.models.lora_layer` runs them).
+Everything here is a pure function of trees:
+
+* :func:`init_lora`: base params -> base params + fresh adapters (``B = 0``: the same model).
+* :func:`base_params`: the tree without its adapters, i.e. the base model with the adapters
+  switched off (the reference model of DPO/PPO; no array is copied).
+* :func:`merge_lora` / :func:`unmerge_lora`: ``W <- W ± (alpha / r) · A @ B``.
+* :func:`trainable_mask`: which leaves train (adapters, and value/score heads).
+
+The ``scale = alpha / r`` lives in the model config, not in the tree, exactly as PEFT keeps
+``lora_alpha`` in ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxalign.models.config import LORA_TARGETS, TransformerConfig
+from jaxalign.models.lora_layer import ADAPTER_NAMES, PROJECTIONS, TRAINABLE_HEADS, input_ndim
+from jaxalign.models.transformer import stack_layer_params, unstack_layer_params
+from jaxalign.settings import setting
+
+__all__ = ["LoraConfig", "add_adapters", "adapter_params", "base_params", "has_adapters", "init_lora", "is_lora",
+           "lora_parameter_count", "merge_lora", "parse_lora_targets", "reference_params",
+           "trainable_mask", "unmerge_lora", "with_lora", "without_lora"]
+
+
+def parse_lora_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"q,k,v,o"`` (or a sequence) -> ``("q", "k", "v", "o")``; ``"all-linear"`` is every
+    projection of :data:`LORA_TARGETS` (as PEFT's ``all-linear``, the LM head excluded)."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all-linear"]:
+        return LORA_TARGETS
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"lora_targets={spec!r}: choose from {', '.join(LORA_TARGETS)} or"
+                         " all-linear")
+    return tuple(n for n in LORA_TARGETS if n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA settings a training command exposes (``--lora-rank``, ...); rank 0 trains every
+    parameter. Defaults as PEFT/TRL users expect: alpha ``2 · r``, every linear projection of
+    the blocks (PEFT's ``all-linear``: attention and MLP, not the LM head)."""
+
+    lora_rank: int = setting(0, "LoRA rank r: train rank-r adapters with the base weights"
+                             " frozen (0: train every parameter)")
+    lora_alpha: float | None = setting(None, "LoRA alpha: the update is (alpha / r) x A B"
+                                       " (none: 2 r)")
+    lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "projections that get adapters,"
+                                            " from q,k,v,o,gate,up,down, or all-linear")
+    lora_adapter: str | None = setting(None, "start the adapters from a PEFT adapter"
+                                       " directory (adapter_config.json and"
+                                       " adapter_model.safetensors; its rank, alpha and"
+                                       " targets are used)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be at least 0, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lora_rank) or self.lora_adapter is not None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``model`` with these adapters (itself when ``lora_rank`` is 0)."""
+        if not self.lora_rank:
+            return model
+        return with_lora(model, self.lora_rank, alpha=self.lora_alpha,
+                         targets=self.lora_targets)
+
+
+def is_lora(model_or_config: Any) -> bool:
+    """Whether a model (or its config) has LoRA adapters (``lora_rank > 0``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "lora_rank", 0))
+
+
+def with_lora(model: nn.Module, rank: int, *, alpha: float | None = None,
+              targets: str | Sequence[str] = LORA_TARGETS, dropout: float = 0.0) -> nn.Module:
+    """``model`` with rank-``rank`` adapters on ``targets`` (``alpha`` default ``2 · rank``)."""
+    if rank < 1:
+        raise ValueError(f"lora rank must be at least 1, got {rank}")
+    config = dataclasses.replace(model.config, lora_rank=rank, lora_alpha=alpha,
+                                 lora_targets=parse_lora_targets(targets), lora_dropout=dropout)
+    return model.clone(config=config)
+
+
+def without_lora(model: nn.Module) -> nn.Module:
+    """The base model: ``model`` with ``lora_rank = 0`` and the other LoRA fields at their
+    defaults (what :func:`merge_lora`'s params and a Hugging Face export describe)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)
+                if f.name.startswith("lora_")}
+    return model.clone(config=dataclasses.replace(model.config, **defaults))
+
+
+def _walk(tree: Any, keep, path: tuple[str, ...] = ()) -> Any:
+    """The nested dict ``tree`` with only the leaves ``keep(path)`` accepts (empty dicts
+    dropped)."""
+    if not isinstance(tree, dict):
+        return tree if keep(path) else None
+    out = {}
+    for name, sub in tree.items():
+        kept = _walk(sub, keep, (*path, str(name)))
+        if kept is not None and not (isinstance(kept, dict) and not kept):
+            out[name] = kept
+    return out
+
+
+def _is_adapter(path: tuple[str, ...]) -> bool:
+    return bool(path) and path[-1] in ADAPTER_NAMES
+
+
+def adapter_params(params: Any) -> Any:
+    """Only the ``lora_a`` / ``lora_b`` leaves of ``params`` (the same nesting)."""
+    return _walk(dict(params), _is_adapter)
+
+
+def base_params(params: Any) -> Any:
+    """``params`` without adapters: the base model, adapters off (no array is copied)."""
+    return _walk(dict(params), lambda path: not _is_adapter(path))
+
+
+def add_adapters(params: Any, adapters: Any) -> Any:
+    """``params`` with the leaves of ``adapters`` (same nesting) added or replaced."""
+    return _combine(dict(params), adapters)
+
+
+def _combine(base: Any, extra: Any) -> Any:
+    if not isinstance(extra, dict):
+        return extra
+    out = dict(base)
+    for name, sub in extra.items():
+        out[name] = _combine(base.get(name, {}), sub) if isinstance(sub, dict) else sub
+    return out
+
+
+def trainable_mask(params: Any) -> Any:
+    """A bool tree like ``params``: ``True`` on adapters and on value/score-head leaves."""
+    def mark(tree, trainable, name=""):
+        if isinstance(tree, dict):
+            return {k: mark(v, trainable or k in TRAINABLE_HEADS, str(k))
+                    for k, v in tree.items()}
+        return trainable or name in ADAPTER_NAMES
+    return mark(dict(params), False)
+
+
+def lora_parameter_count(params: Any) -> int:
+    """Number of adapter parameters in ``params``."""
+    return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(adapter_params(params)))
+
+
+def init_lora(model: nn.Module, params: Any, key: jax.Array) -> Any:
+    """``params`` (a base model's tree) plus fresh adapters for the LoRA ``model``: ``A``
+    Kaiming-uniform as PEFT, ``B = 0``, so the result computes exactly the base model.
+
+    Only the adapters are initialised (the base init that ``model.init`` traces is dead code
+    under ``jit``). Existing adapters in ``params`` are replaced.
+    """
+    if not is_lora(model):
+        raise ValueError("init_lora needs a LoRA model (with_lora(model, rank))")
+    dummy = jnp.zeros((1, 1), jnp.int32)
+
+    def fresh(key):
+        return adapter_params(nn.meta.unbox(model.init(key, dummy)["params"]))
+
+    adapters = jax.jit(fresh)(key)
+    n_layers = model.config.n_layers
+    scanned = "layers" in params.get("trunk", {})
+    adapters = (stack_layer_params if scanned else unstack_layer_params)(adapters, n_layers)
+    return _combine(base_params(params), adapters)
+
+
+def _deltas(params: Any, config: TransformerConfig, sign: float) -> Any:
+    """Every adapted projection's ``kernel ± scale · A @ B`` (float32 math, kernel dtype)."""
+    def visit(tree, name=""):
+        if not isinstance(tree, dict):
+            return tree
+        tree = {k: visit(v, str(k)) for k, v in tree.items()}
+        if "lora_a" not in tree:
+            return tree
+        a, b, kernel = tree.pop("lora_a"), tree.pop("lora_b"), tree["kernel"]
+        n_in, rank = input_ndim(name), a.shape[-1]
+        lead = a.ndim - 1 - n_in  # a leading "layers" axis in the scanned layout
+        fan_in = math.prod(a.shape[lead:-1])
+        delta = jnp.einsum("...ir,...rj->...ij", a.reshape(*a.shape[:lead], fan_in, rank),
+                           b.reshape(*b.shape[:lead], rank, -1).astype(jnp.float32))
+        new = kernel.astype(jnp.float32) + sign * config.lora_scale * delta.reshape(kernel.shape)
+        tree["kernel"] = new.astype(kernel.dtype)
+        return tree
+    return visit(dict(params))
+
+
+def merge_lora(params: Any, config: TransformerConfig) -> Any:
+    """The base tree with every adapter folded in, ``W ← W + (alpha / r) · A @ B``, and the
+    ``lora_*`` leaves dropped: the parameters of :func:`without_lora`'s model."""
+    if not config.lora_rank:
+        raise ValueError("merge_lora needs the LoRA model's config (lora_rank > 0)")
+    if any(name not in PROJECTIONS.values() for name in _adapted_names(params)):
+        raise ValueError("params hold adapters on modules that are not projections")
+    return _deltas(params, config, 1.0)
+
+
+def unmerge_lora(merged: Any, adapters: Any, config: TransformerConfig) -> Any:
+    """Inverse of :func:`merge_lora` (up to rounding): ``W ← W − (alpha / r) · A @ B`` with
+    ``adapters`` (:func:`adapter_params` of the unmerged tree) attached again."""
+    unmerged = _deltas(_combine(merged, adapters), config, -1.0)
+    return _combine(unmerged, adapters)
+
+
+def _adapted_names(params: Any) -> set[str]:
+    names = set()
+
+    def visit(tree, name=""):
+        if isinstance(tree, dict):
+            if "lora_a" in tree:
+                names.add(name)
+            for k, v in tree.items():
+                visit(v, str(k))
+    visit(dict(params))
+    return names
+
+
+def has_adapters(params: Any) -> bool:
+    """Whether ``params`` holds any ``lora_*`` leaf (a static property of the tree)."""
+    return bool(params) and isinstance(params, dict) and bool(jax.tree.leaves(
+        adapter_params(params)))
+
+
+def reference_params(ref_params: Any, params: Any) -> Any:
+    """The reference model's parameters: ``ref_params`` when a step keeps them, else, for a
+    LoRA tree, the same tree with the adapters off (:func:`base_params`; no second copy of
+    the base weights), else ``None``."""
+    if ref_params is not None or not has_adapters(params):
+        return ref_params
+    return base_params(params)
