@@ -3,6 +3,7 @@ the optimiser that trains only the adapters and the checks a LoRA run makes up f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,9 @@ def lora_source(model: Any, make_params: Callable, config: lora.LoraConfig, *, s
             lora_model, adapters = load_peft_adapter(model, empty, config.lora_adapter)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise RunError(f"--lora-adapter {config.lora_adapter}: {error}") from None
+        if config.lora_dropout is not None:  # --lora-dropout overrides the adapter's own
+            lora_model = lora_model.clone(config=dataclasses.replace(
+                lora_model.config, lora_dropout=config.lora_dropout))
         return lora_model, jax.tree_util.Partial(_attach, make_params, adapters)
     lora_model = config.apply(model)
     lora_key = jax.random.fold_in(jax.random.key(seed), 0x10DA)

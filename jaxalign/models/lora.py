@@ -61,6 +61,9 @@ class LoraConfig:
                                        " (none: 2 r)")
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "projections that get adapters,"
                                             " from q,k,v,o,gate,up,down, or all-linear")
+    lora_dropout: float | None = setting(None, "LoRA dropout on the adapters' input while"
+                                         " training, as PEFT's lora_dropout (none: 0, or a"
+                                         " --lora-adapter's own)")
     lora_adapter: str | None = setting(None, "start the adapters from a PEFT adapter"
                                        " directory (adapter_config.json and"
                                        " adapter_model.safetensors; its rank, alpha and"
@@ -72,6 +75,8 @@ class LoraConfig:
             raise ValueError(f"lora_rank must be at least 0, got {self.lora_rank}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     @property
     def enabled(self) -> bool:
@@ -82,7 +87,7 @@ class LoraConfig:
         if not self.lora_rank:
             return model
         return with_lora(model, self.lora_rank, alpha=self.lora_alpha,
-                         targets=self.lora_targets)
+                         targets=self.lora_targets, dropout=self.lora_dropout or 0.0)
 
 
 def is_lora(model_or_config: Any) -> bool:

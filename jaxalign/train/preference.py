@@ -30,7 +30,7 @@ from jaxalign import losses as L
 from jaxalign.models.lora import reference_params
 from jaxalign.settings import setting
 from jaxalign.train.completion import batch_layout, batch_targets, group_logps
-from jaxalign.train.state import TrainState, make_loss_step
+from jaxalign.train.state import TrainState, make_loss_step, train_dropout_key
 
 __all__ = ["PREFERENCE_LOSSES", "UNPAIRED_LOSSES", "PairLogps", "PreferenceConfig", "make_preference_step",
            "make_reference_logps_fn", "pair_logps", "preference_loss", "reference_logps"]
@@ -172,7 +172,8 @@ def pair_weights(batch: dict) -> jax.Array:
     return jnp.ones((pair_slots(batch),), jnp.float32)
 
 
-def _pair_sums(model: Any, params: Any, batch: dict) -> PairLogps:
+def _pair_sums(model: Any, params: Any, batch: dict,
+               dropout_key: jax.Array | None = None) -> PairLogps:
     """Completion log-prob sums and token counts of chosen and rejected (one forward pass).
 
     A padded batch runs ``[chosen; rejected]`` rows (``[2P, T]``); a packed one (``ids`` and
@@ -187,20 +188,22 @@ def _pair_sums(model: Any, params: Any, batch: dict) -> PairLogps:
         tokens, attention_mask, completion_mask = _concat_pair(batch)
         targets = batch_targets(batch, tokens, completion_mask)
     logps = group_logps(model, params, tokens, attention_mask, targets, 2 * slots,
-                        layout=batch_layout(batch))
+                        layout=batch_layout(batch), dropout_key=dropout_key)
     chosen, rejected = jnp.split(logps.sums, 2)
     chosen_tokens, rejected_tokens = jnp.split(logps.counts, 2)
     return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
 
 
 def pair_logps(
-    model: Any, params: Any, batch: dict, *, average: bool
+    model: Any, params: Any, batch: dict, *, average: bool,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chosen and rejected completion log-probs ``([B], [B])`` from one forward pass.
 
-    ``average=False`` sums over completion tokens, ``True`` takes the per-token mean.
+    ``average=False`` sums over completion tokens, ``True`` takes the per-token mean;
+    ``dropout_key``: a training pass's LoRA dropout rng (none: deterministic).
     """
-    pair = _pair_sums(model, params, batch)
+    pair = _pair_sums(model, params, batch, dropout_key)
     return pair.means() if average else (pair.chosen, pair.rejected)
 
 
@@ -259,6 +262,8 @@ def preference_loss(
     batch: dict,
     ref_params: Any = None,
     config: PreferenceConfig | None = None,
+    *,
+    dropout_key: jax.Array | None = None,
     **settings: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted preference loss over a batch, with TRL's metric names.
@@ -267,6 +272,8 @@ def preference_loss(
     Soft labels: a batch ``p_chosen [B]`` (probability that chosen is preferred) becomes DPO's
     and RPO's per-pair label smoothing ``ε = 1 − p`` with
     ``p = p_chosen·(1 − ls) + (1 − p_chosen)·ls`` (``p_chosen = 1`` gives ``ε = ls``).
+    ``dropout_key``: the policy pass's ``"dropout"`` rng (LoRA dropout); the reference pass
+    never gets one.
 
     Returns:
       ``(loss, metrics)``: ``Σ_i w_i · mean(loss_i)`` (means over the valid pairs,
@@ -276,7 +283,7 @@ def preference_loss(
       ORPO, and ``loss/<name>`` for each loss of a combination.
     """
     config = _config(config, settings)
-    policy = _pair_sums(model, params, batch)
+    policy = _pair_sums(model, params, batch, dropout_key)
     ref = _reference(config, model, ref_params, batch, policy)
     means, ref_means = policy.means(), ref.means()
     valid = pair_weights(batch)
@@ -358,7 +365,8 @@ def make_preference_step(
         return state, {**batch, **reference_logps(model, ref_params, batch)}
 
     def loss_fn(params, state, batch):
-        return preference_loss(model, params, batch, state.ref_params, config)
+        return preference_loss(model, params, batch, state.ref_params, config,
+                               dropout_key=train_dropout_key(state))
 
     return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit,
                           prepare=add_reference_logps, after_update=_sync_reference(config),

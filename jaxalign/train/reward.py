@@ -9,18 +9,20 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.losses import bradley_terry_loss, ranking_pair_weights
-from jaxalign.train.state import TrainState, make_loss_step
+from jaxalign.train.completion import dropout_rngs
+from jaxalign.train.state import TrainState, make_loss_step, train_dropout_key
 
 
-def _pair_rewards(model, params, batch):
+def _pair_rewards(model, params, batch, rngs):
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
     mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
-    rewards = model.apply({"params": params}, ids, mask).astype(jnp.float32)
+    rewards = model.apply({"params": params}, ids, mask, rngs=rngs).astype(jnp.float32)
     return jnp.split(rewards, 2)
 
 
 def reward_loss(
-    model: Any, params: Any, batch: dict[str, jax.Array], *, center_coef: float = 0.0
+    model: Any, params: Any, batch: dict[str, jax.Array], *, center_coef: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Bradley–Terry reward-model loss for a pair batch or a ranking batch.
 
@@ -29,17 +31,19 @@ def reward_loss(
     ``ids``, ``attention_mask`` ``[B, K, L]``, ``ranks`` ``[B, K]``): every strictly ordered pair
     weighted by :func:`ranking_pair_weights`, averaged over rankings. Optional reward centring
     adds ``center_coef · mean((r_c + r_r)²)`` (Eisenstein et al. 2023), which pins the otherwise
-    free offset of the rewards near 0.
+    free offset of the rewards near 0. ``dropout_key``: the forward pass's ``"dropout"`` rng
+    (LoRA dropout); none: deterministic.
 
     Returns:
       ``(loss, metrics)`` with ``accuracy``, ``rewards/chosen``, ``rewards/rejected``,
       ``rewards/margins``.
     """
+    rngs = dropout_rngs(dropout_key)
     if "ranks" in batch:
         ids, mask = batch["ids"], batch["attention_mask"]
         b, k, length = ids.shape
         rewards = model.apply({"params": params}, ids.reshape(b * k, length),
-                              mask.reshape(b * k, length)).astype(jnp.float32).reshape(b, k)
+                              mask.reshape(b * k, length), rngs=rngs).astype(jnp.float32).reshape(b, k)
         weights = ranking_pair_weights(batch["ranks"])
         r_i, r_j = rewards[:, :, None], rewards[:, None, :]
         r_i, r_j = jnp.broadcast_to(r_i, weights.shape), jnp.broadcast_to(r_j, weights.shape)
@@ -50,7 +54,7 @@ def reward_loss(
         chosen = jnp.sum(weights * r_i) / jnp.maximum(jnp.sum(weights), 1e-9)
         rejected = jnp.sum(weights * r_j) / jnp.maximum(jnp.sum(weights), 1e-9)
     else:
-        chosen_r, rejected_r = _pair_rewards(model, params, batch)
+        chosen_r, rejected_r = _pair_rewards(model, params, batch, rngs)
         margin = batch.get("margin", jnp.zeros_like(chosen_r))
         p_chosen = batch.get("p_chosen", jnp.ones_like(chosen_r))
         loss = jnp.mean(bradley_terry_loss(chosen_r, rejected_r, margin=margin, p_chosen=p_chosen))
@@ -79,8 +83,8 @@ def make_reward_step(
     """``step(state, batch) -> (state, metrics)`` training a reward model (pairs or rankings)."""
 
     def loss_fn(params, state, batch):
-        del state
-        return reward_loss(model, params, batch, center_coef=center_coef)
+        return reward_loss(model, params, batch, center_coef=center_coef,
+                           dropout_key=train_dropout_key(state))
 
     return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, mesh=mesh,
                           model=model)

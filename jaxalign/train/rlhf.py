@@ -62,6 +62,7 @@ from jaxalign.models import value_params_from_reward_model
 from jaxalign.models.lora import has_adapters, reference_params
 from jaxalign.sampling import is_stop_token, make_generate
 from jaxalign.train import rlhf_advantages as stages
+from jaxalign.train.completion import dropout_rngs
 from jaxalign.train.rlhf_config import GRPOConfig, RLHFConfig
 from jaxalign.train.rlhf_metrics import rlhf_metrics
 from jaxalign.train.rlhf_update import ppo_epochs
@@ -171,12 +172,15 @@ def _forwards(policy: Any, value: Any, config: RLHFConfig) -> _Forwards:
         logps, entropies = out if with_entropy else (out, None)
         return logps, entropies, values
 
-    def policy_forward(params, ids, attn, prompt_len, completion, mask, with_entropy=True):
+    def policy_forward(params, ids, attn, prompt_len, completion, mask, with_entropy=True,
+                       dropout_key=None):
         return policy.apply({"params": params}, ids, attn, prompt_len, completion, mask,
-                            with_entropy, method=completion_outputs)
+                            with_entropy, method=completion_outputs,
+                            rngs=dropout_rngs(dropout_key))
 
-    def value_forward(params, ids, attn, prompt_len):
-        return value.apply({"params": params}, ids, attn)[:, prompt_len - 1:-1]
+    def value_forward(params, ids, attn, prompt_len, dropout_key=None):
+        return value.apply({"params": params}, ids, attn,
+                           rngs=dropout_rngs(dropout_key))[:, prompt_len - 1:-1]
 
     return _Forwards(policy_forward, value_forward)
 

@@ -20,24 +20,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxalign import sharding as shd
 from jaxalign.losses import aggregate_loss, clip_fractions, kl_penalty, ppo_loss, sequence_log_ratio
 from jaxalign.train.rlhf_config import RLHFConfig
+from jaxalign.train.state import DROPOUT_STREAM
 
 __all__ = ["policy_loss_fn", "ppo_epochs"]
 
 
 def policy_loss_fn(forwards: Any, config: RLHFConfig, separate_value: bool,
                  prompt_len: int) -> Callable:
-    """``loss_fn(policy_params, value_params, minibatch, kl_coef) -> (loss, metrics)``: the
+    """``loss_fn(policy_params, value_params, minibatch, kl_coef, dropout_key=None) -> (loss,
+    metrics)`` (``dropout_key``: the update's LoRA dropout rng; none: deterministic): the
     clipped surrogate (token or sequence ratio, aggregated as ``config.loss_agg``), value loss,
     entropy bonus and, with ``kl_in="loss"``, ``β·KL(π‖π_ref)`` per token."""
     clip = {"clip_eps": config.clip_eps, "clip_eps_low": config.clip_eps_low,
             "clip_eps_high": config.clip_eps_high}
     kl_in_loss = config.kl_in == "loss" and config.uses_reference
 
-    def loss_fn(policy_params, value_params, mb, kl_coef):
+    def loss_fn(policy_params, value_params, mb, kl_coef, dropout_key=None):
+        value_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
         logps, entropies, values = forwards.policy(policy_params, mb["ids"], mb["attn"],
-                                                   prompt_len, mb["completion"], mb["mask"])
+                                                   prompt_len, mb["completion"], mb["mask"],
+                                                   dropout_key=dropout_key)
         if separate_value:
-            values = forwards.value(value_params, mb["ids"], mb["attn"], prompt_len)
+            values = forwards.value(value_params, mb["ids"], mb["attn"], prompt_len,
+                                    dropout_key=value_key)
         elif values is None:
             values = jnp.zeros_like(mb["old_values"])
         ratio_logps = logps
@@ -76,11 +81,11 @@ def ppo_epochs(forwards: Any, config: RLHFConfig, optimizers: tuple, mesh: Mesh 
         raise ValueError(f"{batch} rollouts do not split into num_minibatches="
                          f"{config.num_minibatches}")
 
-    def minibatch_step(carry, mb):
-        policy_params, policy_opt, value_params, value_opt = carry
+    def minibatch_step(carry, inputs):
+        (policy_params, policy_opt, value_params, value_opt), (mb, dropout_key) = carry, inputs
         (_, metrics), (policy_grads, value_grads) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True)(policy_params, value_params, mb,
-                                                   state.kl.coef)
+                                                   state.kl.coef, dropout_key)
         updates, policy_opt = policy_optimizer.update(policy_grads, policy_opt, policy_params)
         policy_params = optax.apply_updates(policy_params, updates)
         if value_params is not None:
@@ -97,7 +102,11 @@ def ppo_epochs(forwards: Any, config: RLHFConfig, optimizers: tuple, mesh: Mesh 
         minibatches = jax.tree.map(
             lambda x: _constrain(x[order].reshape(config.num_minibatches, mb_size, *x.shape[1:]),
                                  mesh, P(None, shd.BATCH_AXES)), arrays)
-        return jax.lax.scan(minibatch_step, carry, minibatches)
+        # each update's dropout masks (LoRA dropout): a stream of the epoch key apart from the
+        # shuffle, so the minibatch order is what it was without dropout
+        dropout_keys = jax.random.split(jax.random.fold_in(epoch_key, DROPOUT_STREAM),
+                                        config.num_minibatches)
+        return jax.lax.scan(minibatch_step, carry, (minibatches, dropout_keys))
 
     carry = (state.policy_params, state.policy_opt_state, state.value_params,
              state.value_opt_state)

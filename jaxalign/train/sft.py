@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.train.completion import batch_layout, batch_targets, target_logps
-from jaxalign.train.state import TrainState, make_loss_step
+from jaxalign.train.state import TrainState, make_loss_step, train_dropout_key
 
 
 def sft_loss(
-    model: Any, params: Any, batch: dict[str, jax.Array], *, include_prompt: bool = False
+    model: Any, params: Any, batch: dict[str, jax.Array], *, include_prompt: bool = False,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean NLL over completion tokens (every real token after the first if ``include_prompt``).
 
@@ -29,6 +30,7 @@ def sft_loss(
         ``target_source``/``target_token``/``target_group`` (the collator chose the counted
         tokens, so ``include_prompt`` does not apply).
       include_prompt: train on prompt tokens too (padded batches).
+      dropout_key: the forward pass's ``"dropout"`` rng (LoRA dropout); none: deterministic.
 
     Returns:
       ``(loss, metrics)`` with ``nll`` and ``tokens`` (number of counted tokens).
@@ -49,7 +51,8 @@ def sft_loss(
         else:
             mask = batch["completion_mask"] > 0
     targets = batch_targets(batch, ids, mask)
-    logps = target_logps(model, params, ids, attention_mask, targets, layout=layout)
+    logps = target_logps(model, params, ids, attention_mask, targets, layout=layout,
+                         dropout_key=dropout_key)
     counted = targets.group >= 0
     tokens = jnp.sum(counted).astype(jnp.float32)
     nll = -jnp.sum(jnp.where(counted, logps, 0.0)) / jnp.maximum(tokens, 1.0)
@@ -71,8 +74,8 @@ def make_sft_step(
     """
 
     def loss_fn(params, state, batch):
-        del state
-        return sft_loss(model, params, batch, include_prompt=include_prompt)
+        return sft_loss(model, params, batch, include_prompt=include_prompt,
+                        dropout_key=train_dropout_key(state))
 
     return make_loss_step(loss_fn, optimizer, axis_name=axis_name, jit=jit, mesh=mesh,
                           model=model)

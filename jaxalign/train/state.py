@@ -71,6 +71,17 @@ def create_train_state(
     )
 
 
+#: Folded into ``state.key`` for the training forward passes' dropout masks (LoRA dropout).
+DROPOUT_STREAM = 0x64726F70
+
+
+def train_dropout_key(state: TrainState) -> jax.Array:
+    """The dropout key of this step's training forward pass: ``fold_in(fold_in(key, stream),
+    step)``, a function of the state alone (a replayed step draws the same masks, the next
+    step new ones; ``state.key`` itself is left as it is)."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_STREAM), state.step)
+
+
 def apply_gradients(
     state: TrainState,
     grads: Any,

@@ -22,16 +22,19 @@ import optax
 from jaxalign import losses as L
 from jaxalign.train.completion import completion_sums
 from jaxalign.train.preference import UNPAIRED_LOSSES, PreferenceConfig
-from jaxalign.train.state import TrainState, make_loss_step
+from jaxalign.train.state import TrainState, make_loss_step, train_dropout_key
 
 __all__ = ["completion_logps", "init_loss_state", "make_unpaired_step",
            "unpaired_loss"]
 
 
-def completion_logps(model: Any, params: Any, batch: dict, prefix: str = "") -> jax.Array:
-    """``[B]`` completion log-prob sums of the ``{prefix}input_ids`` sequences."""
+def completion_logps(model: Any, params: Any, batch: dict, prefix: str = "", *,
+                     dropout_key: jax.Array | None = None) -> jax.Array:
+    """``[B]`` completion log-prob sums of the ``{prefix}input_ids`` sequences (``dropout_key``:
+    a training pass's LoRA dropout rng)."""
     return completion_sums(model, params, batch[f"{prefix}input_ids"],
-                           batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"])
+                           batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"],
+                           dropout_key=dropout_key)
 
 
 def _loss_name(config: PreferenceConfig) -> str:
@@ -47,15 +50,17 @@ def init_loss_state(config: PreferenceConfig) -> Any:
 
 def unpaired_loss(model: Any, params: Any, batch: dict, config: PreferenceConfig,
                   loss_state: Any = None, *,
-                  logps: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  logps: jax.Array | None = None,
+                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean KTO or BCO loss of a prepared batch (``ref_logps``, and ``kl_baseline`` for KTO),
     with TRL's metric names: ``rewards/chosen`` and ``rewards/rejected`` are the mean
     ``β·(log π − log π_ref)`` of the desirable and undesirable examples, ``rewards/margins``
     their difference, ``kl`` the baseline. ``logps``: the completions' log-prob sums under
-    ``params`` when the caller has them already (one forward pass, not two)."""
+    ``params`` when the caller has them already (one forward pass, not two); else computed
+    with ``dropout_key`` (LoRA dropout; none: deterministic)."""
     name = _loss_name(config)
     if logps is None:
-        logps = completion_logps(model, params, batch)
+        logps = completion_logps(model, params, batch, dropout_key=dropout_key)
     ref = jax.lax.stop_gradient(jnp.asarray(batch["ref_logps"], jnp.float32))
     desirable = batch["desirable"] > 0
     if name == "kto":
@@ -106,10 +111,11 @@ def make_unpaired_step(
 
     def loss_fn(params, state, batch):
         if name == "kto":
-            return unpaired_loss(model, params, batch, config, state.loss_state)
+            return unpaired_loss(model, params, batch, config, state.loss_state,
+                                 dropout_key=train_dropout_key(state))
         # BCO: the baseline sees this batch's (gradient-free) rewards before the loss does,
         # from the same forward pass the loss differentiates
-        logps = completion_logps(model, params, batch)
+        logps = completion_logps(model, params, batch, dropout_key=train_dropout_key(state))
         rewards = config.beta * jax.lax.stop_gradient(logps - batch["ref_logps"])
         baseline = L.bco_baseline_update(state.loss_state, rewards)
         loss, metrics = unpaired_loss(model, params, batch, config, baseline, logps=logps)

@@ -1,0 +1,157 @@
+"""LoRA dropout (PEFT's ``lora_dropout``) in the training steps.
+
+The adapters' path is ``((x · mask) / (1 − p)) @ A @ B · scale`` for the mask drawn from the
+pass's ``"dropout"`` rng (checked in float64 numpy), the base path is untouched; the steps draw
+that rng from the state (:func:`jaxalign.train.state.train_dropout_key`), so a replayed step is
+identical and the next step draws new masks; p = 0 is bit for bit the step without an rng; the
+reference pass never drops; a LoRA DPO run with p = 0.1 still learns.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxalign import train as steps
+from jaxalign.models import CausalLM, RewardModel, get_config, init_params, lora
+from jaxalign.models.lora_layer import LoraKernel
+from jaxalign.train import preference, reward, sft
+from jaxalign.train.lora import lora_optimizer
+from jaxalign.train.state import train_dropout_key
+
+CONFIG = get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                    d_ff=64, max_len=32)
+BETA = 0.5
+
+
+@settings(max_examples=10, deadline=None)
+@given(p=st.floats(0.05, 0.9), rank=st.integers(1, 4), d_in=st.integers(1, 6),
+       d_out=st.integers(1, 6), scale=st.floats(0.1, 4.0), seed=st.integers(0, 2**16))
+def test_dropped_adapter_path_is_the_closed_form(p, rank, d_in, d_out, scale, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rng.normal(size=(3, 5, d_in)), rng.normal(size=(d_in, d_out))
+    a, b = rng.normal(size=(d_in, rank)), rng.normal(size=(rank, d_out))
+    key = jax.random.key(seed)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    kernel = LoraKernel(f32(w), f32(a), f32(b), scale, dropout=p, key=key)
+    got = kernel.einsum("btd,df->btf", f32(x), jnp.float32)
+    mask = np.asarray(jax.random.bernoulli(key, 1.0 - p, x.shape), np.float64)
+    np.testing.assert_allclose(got, x @ w + scale * ((x * mask) / (1 - p)) @ a @ b,
+                               rtol=1e-4, atol=1e-4)
+    # the base path alone (A = 0): dropout does not touch it
+    base_only = LoraKernel(f32(w), f32(np.zeros_like(a)), f32(b), scale, dropout=p, key=key)
+    np.testing.assert_allclose(base_only.einsum("btd,df->btf", f32(x), jnp.float32), x @ w,
+                               rtol=1e-5, atol=1e-5)
+
+
+def _lora(p, model_cls=CausalLM, targets="all-linear"):
+    model = model_cls(CONFIG)
+    lora_model = lora.with_lora(model, 4, targets=targets, dropout=p)
+    params = lora.init_lora(lora_model, init_params(model, jax.random.key(0)), jax.random.key(1))
+    # non-zero B, as after training, so the adapters' path (and its dropout) shows
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape)
+        if path[-1].key == "lora_b" else x, params)
+    return lora_model, params
+
+
+def _pairs(rows=4, length=12):
+    ids = np.asarray(jax.random.randint(jax.random.key(7), (2 * rows, length), 0, 64))
+    completion = np.zeros((rows, length), np.int32)
+    completion[:, 6:] = 1
+    ones = np.ones((rows, length), np.int32)
+    return {"chosen_ids": ids[:rows], "rejected_ids": ids[rows:], "chosen_attention_mask": ones,
+            "rejected_attention_mask": ones, "chosen_completion_mask": completion,
+            "rejected_completion_mask": completion}
+
+
+def _state(params, optimizer, ref_params=None, step=0):
+    state = steps.create_train_state(jax.tree.map(jnp.copy, params), optimizer,
+                                     jax.random.key(4), ref_params=ref_params)
+    return state.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def _run(step, state, batch):
+    new, metrics = step(jax.tree.map(jnp.copy, state), batch)
+    return jax.device_get(new.params), jax.device_get(metrics)
+
+
+def test_zero_dropout_step_is_bit_identical_to_the_step_without_an_rng(monkeypatch):
+    model, params = _lora(0.0)
+    optimizer = lora_optimizer(steps.make_optimizer(1e-2, total_steps=4))
+    state, batch = _state(params, optimizer), _pairs()
+    with_rng = _run(steps.make_preference_step(model, optimizer, loss="dpo", beta=BETA),
+                    state, batch)
+    monkeypatch.setattr(preference, "train_dropout_key", lambda state: None)
+    without = _run(steps.make_preference_step(model, optimizer, loss="dpo", beta=BETA),
+                   state, batch)
+    for got, want in zip(jax.tree.leaves(with_rng), jax.tree.leaves(without)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dpo_step_dropout_is_deterministic_per_step_and_spares_the_reference():
+    model, params = _lora(0.5)
+    optimizer = lora_optimizer(steps.make_optimizer(1e-2, total_steps=4))
+    batch = _pairs()
+    # a reference that has adapters itself, so a dropped reference pass would show
+    step = steps.make_preference_step(model, optimizer, loss="dpo", beta=BETA)
+    state = _state(params, optimizer, ref_params=params)
+    first, again = _run(step, state, batch), _run(step, state, batch)
+    for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(got, want)
+    metrics = first[1]
+    # the policy pass used the step's key: logps/chosen is the dropped model's ...
+    dropped = preference.pair_logps(model, params, batch, average=False,
+                                    dropout_key=train_dropout_key(state))
+    clean = preference.pair_logps(model, params, batch, average=False)
+    np.testing.assert_allclose(metrics["logps/chosen"], np.mean(dropped[0]), rtol=1e-5)
+    assert abs(float(np.mean(dropped[0]) - np.mean(clean[0]))) > 1e-3
+    # ... and the reference is the deterministic one: rewards = β (π_dropped − ref_clean)
+    np.testing.assert_allclose(metrics["rewards/chosen"],
+                               BETA * np.mean(dropped[0] - clean[0]), rtol=1e-4, atol=1e-6)
+    later = _run(step, state.replace(step=jnp.asarray(1, jnp.int32)), batch)[1]
+    assert abs(float(later["loss"] - metrics["loss"])) > 1e-5  # the next step: new masks
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward"])
+def test_sft_and_reward_steps_drop_deterministically(kind):
+    model, params = _lora(0.5, RewardModel if kind == "reward" else CausalLM)
+    optimizer = lora_optimizer(steps.make_optimizer(1e-2, total_steps=4))
+    pairs = _pairs()
+    if kind == "sft":
+        batch = {"input_ids": pairs["chosen_ids"], "attention_mask": pairs["chosen_attention_mask"],
+                 "completion_mask": pairs["chosen_completion_mask"]}
+        step, loss = steps.make_sft_step(model, optimizer), sft.sft_loss
+    else:
+        batch = {k: v for k, v in pairs.items() if "completion" not in k}
+        step, loss = steps.make_reward_step(model, optimizer), reward.reward_loss
+    state = _state(params, optimizer)
+    (_, first), (_, again) = _run(step, state, batch), _run(step, state, batch)
+    assert first["loss"] == again["loss"]
+    dropped = float(loss(model, params, batch, dropout_key=train_dropout_key(state))[0])
+    np.testing.assert_allclose(first["loss"], dropped, rtol=1e-5)
+    assert abs(dropped - float(loss(model, params, batch)[0])) > 1e-4
+
+
+def test_lora_dpo_with_dropout_still_lowers_the_loss():
+    model = CausalLM(CONFIG)
+    lora_model = lora.with_lora(model, 4, dropout=0.1)
+    params = lora.init_lora(lora_model, init_params(model, jax.random.key(0)), jax.random.key(1))
+    optimizer = lora_optimizer(steps.make_optimizer(3e-3, total_steps=20))
+    state, batch = _state(params, optimizer), _pairs()
+    step = steps.make_preference_step(lora_model, optimizer, loss="dpo", beta=BETA)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert abs(losses[0] - np.log(2)) < 1e-5  # B = 0: the dropped adapters add nothing yet
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_lora_config_carries_dropout_to_the_model():
+    model = lora.LoraConfig(lora_rank=4, lora_dropout=0.05).apply(CausalLM(CONFIG))
+    assert model.config.lora_dropout == 0.05
+    assert lora.LoraConfig(lora_rank=4).apply(CausalLM(CONFIG)).config.lora_dropout == 0.0
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        lora.LoraConfig(lora_rank=4, lora_dropout=1.0)
