@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +128,8 @@ def _chunk_forward(spec: _Spec, weights: jax.Array, hidden: jax.Array, targets: 
 
 def _chunk_backward(spec: _Spec, k: jax.Array, w: jax.Array, grad_w: jax.Array, hidden,
                     targets, lse, mean_x, g_lp, g_ent):
-    """``(grad_w + ∂W of this (token, vocabulary) chunk, ∂hidden [R, C, D] float32)``."""
+    """``(grad_w + ∂W of this (token, vocabulary) chunk, ∂hidden [R, C, D] float32)``; no
+    ∂W (``None``) when ``grad_w`` is ``None`` (a frozen head)."""
     shape = hidden.shape
     hidden, targets, lse, mean_x, g_lp, g_ent = (
         a.reshape(-1, *a.shape[2:]) for a in (hidden, targets, lse, mean_x, g_lp, g_ent))
@@ -145,6 +146,8 @@ def _chunk_backward(spec: _Spec, k: jax.Array, w: jax.Array, grad_w: jax.Array, 
     g_z = g_z.astype(w.dtype)
     pattern = "cv,dv->cd" if spec.vocab_axis == 1 else "cv,vd->cd"
     g_hidden = jnp.einsum(pattern, g_z, w, preferred_element_type=jnp.float32)
+    if grad_w is None:
+        return None, g_hidden.reshape(shape)
     pattern = "cd,cv->dv" if spec.vocab_axis == 1 else "cd,cv->vd"
     delta = jnp.einsum(pattern, hidden.astype(g_z.dtype), g_z, preferred_element_type=jnp.float32)
     return grad_w + delta, g_hidden.reshape(shape)
@@ -186,16 +189,28 @@ def _logprobs(spec: _Spec, hidden, weight, targets, mask):
 
 
 def _logprobs_fwd(spec: _Spec, hidden, weight, targets, mask):
+    # symbolic_zeros: each input says whether it is perturbed. A weight that is not (LoRA's
+    # frozen head, stop_gradient-ed) gets no ∂W: the scan accumulating it is loop-carried, so
+    # XLA would not remove it as dead code (a [D, V] float32 buffer and a matmul per chunk).
+    needs_grad_w = weight.perturbed
+    hidden, weight, targets, mask = (a.value for a in (hidden, weight, targets, mask))
     outputs, (lse, mean_x) = _forward(spec, hidden, weight, targets, mask)
-    return outputs, (hidden, weight, targets, mask, lse, mean_x)
+    return outputs, (hidden, weight, targets, mask, lse, mean_x, () if needs_grad_w else None)
+
+
+def _dense(g: Any, like: jax.Array) -> jax.Array:
+    """A cotangent as a float32 array (a symbolic zero: zeros)."""
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(like.shape, jnp.float32)
+    return jnp.asarray(g, jnp.float32)
 
 
 def _logprobs_bwd(spec: _Spec, residuals, cotangents):
     """Outer loop over vocabulary chunks (each emits its ∂W slice), inner over token chunks
     (each emits its ∂hidden, summed over the vocabulary chunks)."""
-    hidden, weight, targets, mask, lse, mean_x = residuals
+    hidden, weight, targets, mask, lse, mean_x, needs_grad_w = residuals
     keep = (mask > 0).astype(jnp.float32)
-    g_lp, g_ent = (keep * jnp.asarray(g, jnp.float32) for g in cotangents)
+    g_lp, g_ent = (keep * _dense(g, lse) for g in cotangents)
     tokens = _chunked(spec, hidden, targets, mask, lse, mean_x, g_lp, g_ent)
 
     def vocab_step(g_hidden, chunk):
@@ -208,17 +223,19 @@ def _logprobs_bwd(spec: _Spec, residuals, cotangents):
                 lambda: _chunk_backward(spec, k, w, grad_w, h, t, l, mx, gl, ge),
                 lambda: (grad_w, jnp.zeros(h.shape, jnp.float32)))
 
-        grad_w, g_h = jax.lax.scan(token_step, jnp.zeros(w.shape, jnp.float32), tokens)
+        init = None if needs_grad_w is None else jnp.zeros(w.shape, jnp.float32)
+        grad_w, g_h = jax.lax.scan(token_step, init, tokens)
         return g_hidden + _unchunked(g_h), grad_w
 
     g_hidden, grad_w = jax.lax.scan(
         vocab_step, jnp.zeros(hidden.shape, jnp.float32),
         (jnp.arange(spec.vocab_chunks), _weight_chunks(spec, weight)))
-    grad_w = _unchunk_weight(spec, grad_w)
+    grad_w = (jnp.zeros(weight.shape, jnp.float32) if needs_grad_w is None
+              else _unchunk_weight(spec, grad_w))
     return g_hidden.astype(hidden.dtype), grad_w.astype(weight.dtype), None, None
 
 
-_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd, symbolic_zeros=True)
 
 
 def _vocab_chunk(vocab: int, chunk: int, vocab_chunk_size: int | None) -> int:

@@ -268,8 +268,9 @@ def compiled_costs(compiled: Any, *, unknown_trip_count: int = 1) -> CompiledCos
 
 def parameter_count(config: TransformerConfig, *, lm_head: bool = True) -> int:
     """Parameters of a Llama/Qwen2-layout :class:`~jaxalign.models.CausalLM` (biases on q/k/v
-    only; ``lm_head=False``: without the output projection), counted from the shapes. Other
-    layouts raise rather than give a wrong count."""
+    only; ``lm_head=False``: without the output projection), counted from the shapes, LoRA
+    adapters (``config.lora_rank``) included. Other layouts raise rather than give a wrong
+    count."""
     other = [name for name in ("o_bias", "mlp_bias", "qk_norm", "post_norms")
              if getattr(config, name)]
     if other:
@@ -278,9 +279,20 @@ def parameter_count(config: TransformerConfig, *, lm_head: bool = True) -> int:
     attention = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
     if config.qkv_bias:
         attention += hd * (config.n_heads + 2 * config.n_kv_heads)
-    per_layer = attention + 3 * d * config.d_ff + 2 * d
+    per_layer = attention + 3 * d * config.d_ff + 2 * d + _adapter_count(config)
     head = d * config.vocab_size if lm_head and not config.tie_embeddings else 0
     return config.n_layers * per_layer + config.vocab_size * d + d + head
+
+
+def _adapter_count(config: TransformerConfig) -> int:
+    """One layer's LoRA adapters, ``r · (fan_in + fan_out)`` per target (0 without LoRA)."""
+    if not config.lora_rank:
+        return 0
+    d, q, kv = config.d_model, config.n_heads * config.resolved_head_dim, (
+        config.n_kv_heads * config.resolved_head_dim)
+    fans = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, config.d_ff),
+            "up": (d, config.d_ff), "down": (config.d_ff, d)}
+    return config.lora_rank * sum(sum(fans[t]) for t in config.lora_targets)
 
 
 def forward_flops(config: TransformerConfig, rows: int, length: int, *,

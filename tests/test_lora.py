@@ -201,3 +201,32 @@ def test_lora_dpo_on_a_mesh_equals_one_device_with_adapters_sharded_like_their_k
     for got, want in zip(jax.tree.leaves(jax.device_get(sharded.params)),
                          jax.tree.leaves(jax.device_get(one.params))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=3e-4)
+
+
+def test_lora_chunked_head_leaves_the_untied_lm_head_frozen():
+    """The steps read the LM head through ``method="head"``: under LoRA its kernel gets no
+    gradient (it used to, and the optimiser then zeroed the update, ∂W computed for nothing)."""
+    model = CausalLM(dataclasses.replace(CONFIG, tie_embeddings=False))
+    lora_model = lora.with_lora(model, 4)
+    params = lora.init_lora(lora_model, init_params(model, jax.random.key(0)), jax.random.key(1))
+    ids = np.asarray(_tokens(2, 12))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "completion_mask": (np.arange(12) >= 6)[None].repeat(2, 0).astype(np.int32)}
+    grads = jax.jit(jax.grad(lambda p: steps.sft_loss(lora_model, p, batch)[0]))(
+        _perturb_b(params))
+    assert float(jnp.abs(grads["lm_head"]["kernel"]).max()) == 0.0
+    assert float(jnp.abs(grads["trunk"]["layers_0"]["mlp"]["up_proj"]["lora_a"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q,v,down"])
+def test_plan_parameter_count_counts_the_adapters(targets):
+    from jaxalign import plan
+
+    config = dataclasses.replace(CONFIG, tie_embeddings=False)
+    lora_model = lora.with_lora(CausalLM(config), 3, targets=targets)
+    shapes = jax.eval_shape(lambda: lora.init_lora(
+        lora_model, init_params(CausalLM(config), jax.random.key(0)), jax.random.key(1)))
+    total = sum(x.size for x in jax.tree.leaves(shapes))
+    assert plan.parameter_count(lora_model.config) == total
+    assert plan.parameter_count(lora_model.config) - plan.parameter_count(config) == (
+        lora.lora_parameter_count(shapes))

@@ -36,6 +36,7 @@ from jaxalign.logprobs import HeadWeight
 from jaxalign.models.attention import soft_cap
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.layers import logical_param
+from jaxalign.models.lora_layer import freeze
 from jaxalign.models.transformer import KVCache, Transformer
 
 
@@ -109,7 +110,9 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             weight, layout = self.trunk.embedding, "vd"
         else:
-            weight, layout = self.lm_head.variables["params"]["kernel"], "dv"
+            # frozen under LoRA as the Projection's own kernel is: no ∂W of the head
+            weight = freeze(self.lm_head, self.lm_head.variables["params"]["kernel"], cfg)
+            layout = "dv"
         return HeadWeight(jnp.asarray(weight).astype(cfg.dtype), layout,
                           cfg.final_logit_softcap)
 
