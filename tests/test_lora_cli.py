@@ -24,8 +24,8 @@ LORA = ("--lora-rank", "4", "--lora-targets", "q,v,o,up,down")
 @pytest.fixture(scope="module")
 def lora_dpo(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_dpo")
-    assert cli.main(_flags("dpo", data["pref"], out, *LORA, "--export-hf",
-                           "--export-adapter")) == 0
+    assert cli.main(_flags("dpo", data["pref"], out, *LORA, "--lora-dropout", "0.05",
+                           "--export-hf", "--export-adapter")) == 0
     return out
 
 
@@ -44,7 +44,8 @@ def test_lora_dpo_learns_and_exports_merged_and_peft(lora_dpo):
     merged = jax.jit(lambda p: hf_model.apply({"params": p}, ids))(hf_params)
     np.testing.assert_allclose(merged, ours, atol=1e-5)
     spec = json.loads((lora_dpo / "adapter" / "adapter_config.json").read_text())
-    assert (spec["r"], spec["lora_alpha"]) == (4, 8.0)
+    assert (spec["r"], spec["lora_alpha"], spec["lora_dropout"]) == (4, 8.0, 0.05)
+    assert model.config.lora_dropout == 0.05  # the run trained with it
     assert spec["target_modules"] == ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 

@@ -90,12 +90,20 @@ def test_zero_dropout_step_is_bit_identical_to_the_step_without_an_rng(monkeypat
         np.testing.assert_array_equal(got, want)
 
 
-def test_dpo_step_dropout_is_deterministic_per_step_and_spares_the_reference():
-    model, params = _lora(0.5)
-    optimizer = lora_optimizer(steps.make_optimizer(1e-2, total_steps=4))
+@pytest.fixture(scope="module")
+def dpo():
+    """A LoRA model with dropout 0.1 and its DPO step, compiled once for the tests below (a
+    state with ``ref_params``: both give it a LoRA tree)."""
+    model, params = _lora(0.1)
+    optimizer = lora_optimizer(steps.make_optimizer(3e-3, total_steps=20))
+    return model, params, optimizer, steps.make_preference_step(model, optimizer, loss="dpo",
+                                                                beta=BETA)
+
+
+def test_dpo_step_dropout_is_deterministic_per_step_and_spares_the_reference(dpo):
+    model, params, optimizer, step = dpo
     batch = _pairs()
     # a reference that has adapters itself, so a dropped reference pass would show
-    step = steps.make_preference_step(model, optimizer, loss="dpo", beta=BETA)
     state = _state(params, optimizer, ref_params=params)
     first, again = _run(step, state, batch), _run(step, state, batch)
     for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
@@ -134,13 +142,11 @@ def test_sft_and_reward_steps_drop_deterministically(kind):
     assert abs(dropped - float(loss(model, params, batch)[0])) > 1e-4
 
 
-def test_lora_dpo_with_dropout_still_lowers_the_loss():
-    model = CausalLM(CONFIG)
-    lora_model = lora.with_lora(model, 4, dropout=0.1)
-    params = lora.init_lora(lora_model, init_params(model, jax.random.key(0)), jax.random.key(1))
-    optimizer = lora_optimizer(steps.make_optimizer(3e-3, total_steps=20))
-    state, batch = _state(params, optimizer), _pairs()
-    step = steps.make_preference_step(lora_model, optimizer, loss="dpo", beta=BETA)
+def test_lora_dpo_with_dropout_still_lowers_the_loss(dpo):
+    model, _, optimizer, step = dpo
+    params = lora.init_lora(model, init_params(CausalLM(CONFIG), jax.random.key(0)),
+                            jax.random.key(1))  # B = 0, the reference as it starts
+    state, batch = _state(params, optimizer, ref_params=params), _pairs()
     losses = []
     for _ in range(6):
         state, metrics = step(state, batch)
