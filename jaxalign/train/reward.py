@@ -43,7 +43,8 @@ def reward_loss(
         ids, mask = batch["ids"], batch["attention_mask"]
         b, k, length = ids.shape
         rewards = model.apply({"params": params}, ids.reshape(b * k, length),
-                              mask.reshape(b * k, length), rngs=rngs).astype(jnp.float32).reshape(b, k)
+                              mask.reshape(b * k, length), rngs=rngs)
+        rewards = rewards.astype(jnp.float32).reshape(b, k)
         weights = ranking_pair_weights(batch["ranks"])
         r_i, r_j = rewards[:, :, None], rewards[:, None, :]
         r_i, r_j = jnp.broadcast_to(r_i, weights.shape), jnp.broadcast_to(r_j, weights.shape)
