@@ -161,3 +161,25 @@ def test_lora_config_carries_dropout_to_the_model():
     assert lora.LoraConfig(lora_rank=4).apply(CausalLM(CONFIG)).config.lora_dropout == 0.0
     with pytest.raises(ValueError, match="lora_dropout must be in"):
         lora.LoraConfig(lora_rank=4, lora_dropout=1.0)
+
+
+def test_ppo_update_loss_drops_the_policy_pass_when_given_a_key():
+    from jaxalign.train.rlhf import _forwards
+    from jaxalign.train.rlhf_config import GRPOConfig
+    from jaxalign.train.rlhf_update import policy_loss_fn
+
+    model, params = _lora(0.5)
+    config = GRPOConfig()
+    forwards = _forwards(model, None, config)
+    ids = np.asarray(jax.random.randint(jax.random.key(8), (2, 10), 0, 64))
+    completion, mask = ids[:, 4:], np.ones((2, 6), np.int32)
+    old, _, _ = forwards.policy(params, ids, np.ones_like(ids), 4, completion, mask)
+    mb = {"ids": ids, "attn": np.ones_like(ids), "completion": completion, "mask": mask,
+          "old_logps": old, "advantages": np.array([[1.0] * 6, [-1.0] * 6], np.float32),
+          "old_values": np.zeros((2, 6), np.float32), "returns": np.zeros((2, 6), np.float32),
+          "ref_logps": old}
+    loss_fn = jax.jit(policy_loss_fn(forwards, config, False, 4))
+    key = jax.random.key(9)
+    clean = float(loss_fn(params, None, mb, 0.0)[0])
+    dropped, again = (float(loss_fn(params, None, mb, 0.0, key)[0]) for _ in range(2))
+    assert dropped == again and abs(dropped - clean) > 1e-6
