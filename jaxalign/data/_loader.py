@@ -9,7 +9,37 @@ import numpy as np
 from jaxalign.data._dataset import Dataset
 
 
-class DataLoader:
+class StepLoader:
+    """What every loader shares: batch ``step`` is ``collate(indices_at(step))``, a pure function
+    of the seed and the step; iterating yields ``batch_at(self.step)`` and advances
+    ``self.step``; ``restore(state)`` continues from a ``state()`` after checking that each of its
+    entries but the position (``step``, ``epoch``, ``index``) equals this loader's."""
+
+    step: int = 0
+    _POSITION = ("step", "epoch", "index")
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """Batch number ``step`` (a pure function of seed and step)."""
+        return self.collate(self.indices_at(step))
+
+    def __iter__(self) -> StepLoader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continues from ``state()``; refuses a state of another seed, batch, data or shape."""
+        for key, current in self.state().items():
+            if key not in self._POSITION and state.get(key) != current:
+                raise ValueError(f"loader state has {key}={state.get(key)}"
+                                 f" but this loader has {key}={current}")
+        self.step = int(state["step"])
+
+
+class DataLoader(StepLoader):
     """Shuffled batches where batch `step` depends only on `(seed, step)`.
 
     Epoch `e` visits the examples in the order `np.random.default_rng([seed, e]).permutation(N)`;
@@ -51,17 +81,9 @@ class DataLoader:
         epoch, index = divmod(step, self.steps_per_epoch)
         return self._order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """Batch number `step` (a pure function of seed and step)."""
-        return self.dataset.collate(self.indices_at(step))
-
-    def __iter__(self) -> DataLoader:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
+    def collate(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The padded batch of the examples at ``indices``."""
+        return self.dataset.collate(indices)
 
     def state(self) -> dict[str, int]:
         """JSON-able position: the next step, its epoch and index, and what they depend on."""
@@ -69,17 +91,8 @@ class DataLoader:
         return {"step": self.step, "epoch": epoch, "index": index, "seed": self.seed,
                 "batch_size": self.batch_size, "num_examples": len(self.dataset)}
 
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continues from `state()`; refuses a state from a different seed, batch size or dataset."""
-        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
-                             ("num_examples", len(self.dataset))):
-            if state.get(key) != current:
-                raise ValueError(f"loader state has {key}={state.get(key)}"
-                                 f" but this loader has {key}={current}")
-        self.step = int(state["step"])
 
-
-class ShardedLoader:
+class ShardedLoader(StepLoader):
     """Batches assembled from ``num_shards`` data shards, for a mesh that splits the batch.
 
     Shard ``k`` holds the records on lines ``≡ k + 1 (mod num_shards)`` of the file and
@@ -109,15 +122,6 @@ class ShardedLoader:
     def state(self) -> dict[str, int]:
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
                 "num_shards": self.num_shards}
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continues from ``state()``; refuses a state from another seed, batch or sharding."""
-        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
-                             ("num_shards", self.num_shards)):
-            if state.get(key) != current:
-                raise ValueError(f"loader state has {key}={state.get(key)}"
-                                 f" but this loader has {key}={current}")
-        self.step = int(state["step"])
 
 
 def shard_lines(shard: int, num_shards: int) -> Callable[[int], bool]:

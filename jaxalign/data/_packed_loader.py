@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from jaxalign.data._dataset import Dataset
+from jaxalign.data._loader import StepLoader
 from jaxalign.data._packing import (
     PackingConfig, PackingReport, PackSpec, _place, default_spec, fit_example, pack,
 )
@@ -15,7 +16,7 @@ from jaxalign.data._packing import (
 _PACKABLE = {"pairs": "preference", "sequences": "sft"}
 
 
-class PackedLoader:
+class PackedLoader(StepLoader):
     """Packed batches (:mod:`jaxalign.data._packing`) of one dataset.
 
     Epoch ``e`` visits the examples in the order of :class:`DataLoader`
@@ -104,17 +105,6 @@ class PackedLoader:
         return pack([self.items[int(i)] for i in indices], self.spec, self.kind,
                     self.dataset.pad_id, [self.dataset.examples[int(i)] for i in indices])
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """Batch number ``step`` (a pure function of seed and step)."""
-        return self.collate(self.indices_at(step))
-
-    def __iter__(self) -> PackedLoader:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
 
     def state(self) -> dict[str, int]:
         """JSON-able position and what it depends on (the packing shape included)."""
@@ -122,18 +112,8 @@ class PackedLoader:
                 "num_examples": len(self.items), "packing": self.kind,
                 "pack_spec": list(self.spec)}
 
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continues from ``state()``; refuses a state of another seed, data or packing."""
-        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
-                             ("num_examples", len(self.items)), ("packing", self.kind),
-                             ("pack_spec", list(self.spec))):
-            if state.get(key) != current:
-                raise ValueError(f"loader state has {key}={state.get(key)}"
-                                 f" but this loader has {key}={current}")
-        self.step = int(state["step"])
 
-
-class ShardedPackedLoader:
+class ShardedPackedLoader(StepLoader):
     """Packed batches assembled from ``num_shards`` data shards, for a mesh that splits the rows.
 
     Shard ``k`` (the lines ``≡ k + 1 (mod num_shards)``, as :class:`ShardedLoader`) is packed by
@@ -195,21 +175,10 @@ class ShardedPackedLoader:
             parts.append(part)
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        return self.collate(self.indices_at(step))
 
     def state(self) -> dict[str, int]:
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
                 "num_shards": self.num_shards, "pack_spec": list(self.spec)}
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continues from ``state()``; refuses a state of another seed, batch, sharding or shape."""
-        for key, current in (("seed", self.seed), ("batch_size", self.batch_size),
-                             ("num_shards", self.num_shards), ("pack_spec", list(self.spec))):
-            if state.get(key) != current:
-                raise ValueError(f"loader state has {key}={state.get(key)}"
-                                 f" but this loader has {key}={current}")
-        self.step = int(state["step"])
 
 
 def pad_pairs(values: np.ndarray, indices: np.ndarray, capacity: int) -> np.ndarray:
