@@ -6,8 +6,22 @@ import dataclasses
 from typing import Any
 
 
+class SequenceLengths:
+    """What both demos' configs derive from their ``prompt_len`` and ``max_new_tokens``."""
+
+    prompt_len: int
+    max_new_tokens: int
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(SequenceLengths):
     """Every number the demo uses. Sequences are ``prompt_len + max_new_tokens`` tokens."""
 
     seed: int = 0
@@ -65,13 +79,6 @@ class DemoConfig:
     eval_prompts: int = 512
     bon_n: tuple[int, ...] = (1, 4, 16)  # best-of-N reference points (reward model picks)
     quick: bool = False
-
-    @property
-    def max_len(self) -> int:
-        return self.prompt_len + self.max_new_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 FULL = DemoConfig()

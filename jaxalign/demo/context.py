@@ -31,7 +31,7 @@ from jaxalign.evaluate import sample_completions
 from jaxalign.models import CausalLM
 from jaxalign.tokenizer import Tokenizer
 
-__all__ = ["Context", "preference_dataset", "progress", "read_jsonl"]
+__all__ = ["Context", "RunContext", "preference_dataset", "progress", "read_jsonl"]
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
@@ -45,10 +45,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 @dataclasses.dataclass
-class Context:
-    """What later stages need from earlier ones (filled in as the run goes)."""
+class RunContext:
+    """What a demo's later stages need from earlier ones (filled in as the run goes): its
+    config, the stage cache, and the tokenizer and model once they are built."""
 
-    config: DemoConfig
+    config: Any
     cache: StageCache
     tokenizer: Tokenizer | None = None
     model: CausalLM | None = None
@@ -56,6 +57,13 @@ class Context:
     @property
     def out(self) -> Path:
         return self.cache.out
+
+
+@dataclasses.dataclass
+class Context(RunContext):
+    """The sentiment demo's run context (its stages' shared readers)."""
+
+    config: DemoConfig
 
     def data_config(self) -> DataConfig:
         """Fixed shapes: every batch is ``[B, max_len]`` (prompts ``[B, prompt_len]``)."""

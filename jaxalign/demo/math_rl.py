@@ -37,7 +37,8 @@ import numpy as np
 from jaxalign import rewards
 from jaxalign.demo import math_report, math_task
 from jaxalign.demo.cache import StageCache, load_params, save_params
-from jaxalign.demo.context import progress, read_jsonl
+from jaxalign.demo.config import SequenceLengths
+from jaxalign.demo.context import RunContext, progress, read_jsonl
 from jaxalign.evaluate import bootstrap_ci, sample_completions
 from jaxalign.feedback import write_jsonl
 from jaxalign.models import CausalLM, TransformerConfig, init_params
@@ -48,7 +49,7 @@ __all__ = ["FULL", "QUICK", "MathConfig", "run_math_demo"]
 
 
 @dataclasses.dataclass(frozen=True)
-class MathConfig:
+class MathConfig(SequenceLengths):
     """Every number the math demo uses."""
 
     seed: int = 0
@@ -81,13 +82,6 @@ class MathConfig:
     eval_every: int = 10
     quick: bool = False
 
-    @property
-    def max_len(self) -> int:
-        return self.prompt_len + self.max_new_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 FULL = MathConfig()
 QUICK = dataclasses.replace(FULL, pretrain_steps=40, sft_steps=10, rl_iterations=4,
@@ -95,15 +89,8 @@ QUICK = dataclasses.replace(FULL, pretrain_steps=40, sft_steps=10, rl_iterations
 
 
 @dataclasses.dataclass
-class _Run:
+class _Run(RunContext):
     config: MathConfig
-    cache: StageCache
-    tokenizer: Tokenizer | None = None
-    model: CausalLM | None = None
-
-    @property
-    def out(self) -> Path:
-        return self.cache.out
 
     def prompts(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         ids = [[self.tokenizer.bos_id] + self.tokenizer.encode(r["prompt"]) for r in records]
