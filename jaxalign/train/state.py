@@ -106,6 +106,7 @@ def apply_gradients(
 
 
 @functools.lru_cache(maxsize=1)
+@functools.cache  # find_library runs ldconfig; look it up once per process
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or ``None`` where there is none (macOS, musl, Windows)."""
     name = ctypes.util.find_library("c")
