@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.logprobs import HeadTargets, group_sums, logprobs_at, targets_from_completion_mask
+from jaxalign.models.layout import SequenceLayout
 
 __all__ = ["GroupLogps", "batch_layout", "batch_targets", "completion_sums", "dropout_rngs",
            "group_logps", "target_logps"]
@@ -36,8 +37,6 @@ def batch_layout(batch: dict, prefix: str = "") -> Any:
     ``segment_ids``), else ``None``."""
     if f"{prefix}segment_ids" not in batch:
         return None
-    from jaxalign.models.layout import SequenceLayout  # noqa: PLC0415 (packed batches only)
-
     return SequenceLayout(*(jnp.asarray(batch[f"{prefix}{name}"], jnp.int32)
                             for name in ("positions", "segment_ids", "branch_ids")))
 
