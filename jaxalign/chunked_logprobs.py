@@ -105,9 +105,8 @@ def _chunk_forward(spec: _Spec, weights: jax.Array, hidden: jax.Array, targets: 
     def vocab_step(carry, chunk):
         top, total, weighted, picked = carry
         k, w = chunk
-        cols, real = _columns(spec, k)
+        _, real = _columns(spec, k)
         x, _ = _capped(spec, _raw_logits(spec, hidden, w))
-        hit = cols[None, :] == targets[:, None]
         if real is not None:
             x = jnp.where(real[None, :], x, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(x, axis=1))
@@ -116,7 +115,11 @@ def _chunk_forward(spec: _Spec, weights: jax.Array, hidden: jax.Array, targets: 
         total = total * decay + jnp.sum(e, axis=1)
         if spec.with_entropy:
             weighted = weighted * decay + jnp.sum(e * jnp.where(e > 0, x, 0.0), axis=1)
-        picked = picked + jnp.sum(jnp.where(hit, x, 0.0), axis=1)
+        # The target's logit by a gather: a select over the chunk would be a second [R, V].
+        local = targets - k * spec.vocab_chunk
+        inside = (local >= 0) & (local < spec.vocab_chunk)
+        at = jnp.take_along_axis(x, jnp.clip(local, 0, spec.vocab_chunk - 1)[:, None], axis=1)
+        picked = picked + jnp.where(inside, at[:, 0], 0.0)
         return (new_top, total, weighted, picked), None
 
     init = (jnp.full((rows,), -jnp.inf, jnp.float32),) + (jnp.zeros((rows,), jnp.float32),) * 3
