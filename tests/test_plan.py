@@ -71,7 +71,8 @@ def test_small_dpo_plan_matches_a_real_run_and_counts_flops_exactly():
     """data=2, fsdp=2, tensor=2. The state as a run creates and places it (``shard_state``), the
     batch as ``shard_batch`` splits it: the same shardings as the planned inputs, and on every
     device exactly the bytes the plan reports. Without remat the compiled dots are the model
-    FLOPs (3 policy forwards, 1 reference forward) plus the chunked head's recomputation;
+    FLOPs (3 policy forwards, 1 reference forward) plus the chunked head's and the attention
+    scores' recomputation;
     cost_analysis counts one scanned layer."""
     planned = plan_cli.compile_plan(_config(step="dpo", mesh="data=2,fsdp=2,tensor=2"))
     result, built = planned.report, planned.built
@@ -108,6 +109,9 @@ def test_small_dpo_plan_matches_a_real_run_and_counts_flops_exactly():
     # the model count has 4 x 64. Per device: 2 of the 8 rows (data x fsdp = 4) and half the
     # vocabulary (tensor = 2), 2 * D * V / 2 FLOPs per position (tiny: D = 64, V = 512).
     recompute = 2 * (5 * 63 - 4 * 64) * (2 * 64 * 512 // 2)
+    # Dense attention's backward recomputes the policy's scores q kᵀ once per layer: 2 rows x
+    # 64 x 64 positions x 32 head dims per device (4 heads of 16, tensor = 2) x 2 layers.
+    recompute += 2 * 2 * 64 * 64 * (64 // 2) * 2
     assert flops["compiled"] == pytest.approx(flops["model"] + recompute, rel=1e-6)
     assert flops["cost_analysis"] < 0.9 * flops["compiled"]
     assert result["loops_without_trip_count"] == 0
