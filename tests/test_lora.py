@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from jaxalign import train as steps
 from jaxalign.models import CausalLM, RewardModel, get_config, init_cache, init_params, lora
-from jaxalign.models.lora_layer import LoraKernel
+from jaxalign.models.lora_layer import LoraKernel, stored_once
 from jaxalign.train.lora import lora_optimizer, trainable_opt_state
 
 CONFIG = get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -92,6 +92,29 @@ def test_lora_kernel_is_the_dense_update_in_float64(rank, d_in, d_out, scale, se
     got = kernel.einsum("btd,df->btf", jnp.asarray(x, jnp.float32), jnp.float32)
     np.testing.assert_allclose(got, x @ (w + scale * a @ b), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(kernel.merged(), w + scale * a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_stored_once_changes_no_bit_and_no_gradient():
+    """The LoRA projection's ``base + scale·up`` goes through ``stored_once`` (a division by a
+    parameter-derived 1.0, so XLA stores the sum instead of re-adding it in the backward
+    pass): the sum comes back bit for bit, signed zeros, infinities and the extremes included
+    (XLA:CPU flushes subnormals to zero in the add already), and its gradient is the
+    identity, none reaching the anchor."""
+    rng = np.random.default_rng(0)
+    base = np.concatenate([rng.normal(size=60) * 10.0 ** rng.integers(-37, 38, 60),
+                           [0.0, -0.0, -np.inf, np.inf, 3.4e38, -3.4e38, 1.0 / 3.0, 2e-38]])
+    up = np.concatenate([rng.normal(size=60), [-0.0, -0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 1e-38]])
+    base, up = jnp.asarray(base, jnp.float32), jnp.asarray(up, jnp.float32)
+    anchor = jnp.asarray([[0.3, -2.0]], jnp.float32)
+    plain = jax.jit(lambda b, u: b + 0.5 * u)(base, up)
+    kept = jax.jit(lambda b, u, a: stored_once(b + 0.5 * u, a))(base, up, anchor)
+    np.testing.assert_array_equal(np.asarray(kept).view(np.uint32),
+                                  np.asarray(plain).view(np.uint32))
+    weights = jnp.arange(1.0, 11.0)
+    gx, ga = jax.grad(lambda x, a: jnp.sum(weights * stored_once(x, a)), argnums=(0, 1))(
+        jnp.ones(10), anchor)
+    np.testing.assert_array_equal(gx, weights)
+    np.testing.assert_array_equal(ga, np.zeros_like(anchor))
 
 
 def test_bad_lora_settings_are_named():
