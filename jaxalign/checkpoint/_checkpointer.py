@@ -107,6 +107,9 @@ class Checkpointer:
             if found is None:
                 raise
             code, cause = found
+            # Orbax abandons the failed write's remaining TensorStore coroutines; Python would
+            # print "coroutine ... was never awaited" for each at exit, after our one line.
+            warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
             where = self.directory if step is None else str(self.step_dir(step))
             intact = [str(s) for s in self._finished_steps() if s != step]
             kept = ("no earlier checkpoint" if not intact
