@@ -35,7 +35,8 @@ def _inputs(seed, batch, kv_heads, groups, length, head_dim, dtype):
 
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 2), kv_heads=st.integers(1, 2),
-       groups=st.integers(1, 3), length=st.sampled_from([1, 5, 12]), cap=st.sampled_from([None, 1.5]))
+       groups=st.integers(1, 3), length=st.sampled_from([1, 5, 12]),
+       cap=st.sampled_from([None, 1.5]))
 def test_value_and_gradients_equal_autodiff_of_the_formula(seed, batch, kv_heads, groups,
                                                             length, cap):
     q, k, v, allowed, cotangent = _inputs(seed, batch, kv_heads, groups, length, 8, jnp.float32)
