@@ -1,5 +1,6 @@
 """GAE against its closed-form special cases and a float64 Python-loop reference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given
@@ -7,6 +8,12 @@ from hypothesis import strategies as st
 
 import jaxalign as ja
 from jaxalign import testing as jt
+
+
+# Jitted once per drawn shape (gamma / lambda traced), as the steps call them, instead of one
+# compile per eager op per shape: the hypothesis tests below draw a new shape every example.
+_gae = jax.jit(lambda r, v, m, gamma, lam: ja.gae(r, v, m, gamma=gamma, lam=lam))
+_reinforce_pp = jax.jit(lambda r, m, gamma: ja.reinforce_pp_advantages(r, m, gamma=gamma))
 
 
 def np_gae(rewards, values, mask, gamma, lam):
@@ -47,7 +54,7 @@ def test_gae_gamma_lambda_one_is_reward_to_go_minus_value():
 
 @given(jt.masked_rollouts(), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
 def test_gae_matches_float64_reference(rollout, gamma, lam):
-    adv, ret = ja.gae(**rollout, gamma=gamma, lam=lam)
+    adv, ret = _gae(rollout["rewards"], rollout["values"], rollout["mask"], gamma, lam)
     ref_adv, ref_ret = np_gae(rollout["rewards"], rollout["values"], rollout["mask"], gamma, lam)
     np.testing.assert_allclose(adv, ref_adv, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(ret, ref_ret, rtol=1e-4, atol=1e-3)
@@ -60,8 +67,8 @@ def test_gae_ignores_masked_positions(rollout, data):
     junk = data.draw(st.sampled_from([np.nan, np.inf, -1e30, 123.0]))
     rewards = np.where(mask > 0, rollout["rewards"], junk)
     values = np.where(mask > 0, rollout["values"], junk)
-    adv, ret = ja.gae(rollout["rewards"], rollout["values"], mask)
-    adv2, ret2 = ja.gae(rewards, values, mask)
+    adv, ret = _gae(rollout["rewards"], rollout["values"], mask, 1.0, 0.95)  # the defaults
+    adv2, ret2 = _gae(rewards, values, mask, 1.0, 0.95)
     np.testing.assert_array_equal(adv, adv2)
     np.testing.assert_array_equal(ret, ret2)
     assert (np.asarray(adv)[mask == 0] == 0).all() and (np.asarray(ret)[mask == 0] == 0).all()
@@ -167,8 +174,8 @@ def np_reinforce_pp(rewards, mask, gamma):
 @given(jt.masked_rollouts(allow_empty=False), st.floats(0.5, 1.0))
 def test_reinforce_pp_matches_float64_reference(rollout, gamma):
     mask = rollout["mask"]
-    got = np.asarray(ja.reinforce_pp_advantages(rollout["rewards"], mask, gamma=gamma))
+    got = np.asarray(_reinforce_pp(rollout["rewards"], mask, gamma))
     expected = np_reinforce_pp(rollout["rewards"], mask, gamma)
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
     junk = np.where(mask > 0, rollout["rewards"], np.nan)  # masked tokens never matter
-    np.testing.assert_array_equal(ja.reinforce_pp_advantages(junk, mask, gamma=gamma), got)
+    np.testing.assert_array_equal(_reinforce_pp(junk, mask, gamma), got)

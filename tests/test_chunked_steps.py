@@ -86,8 +86,9 @@ def test_preference_step_equals_the_dense_computation(name, loss):
     params = init_params(model, jax.random.key(0))
     ref_params = jax.tree.map(lambda x: x + 0.01, params)
     batch = _pairs()
-    want_loss, want_grads = jax.value_and_grad(_dense_preference, 1)(
-        model, params, ref_params, batch, loss)
+    # jitted (one compile instead of op-by-op dispatch); still the dense [B, T, V] computation
+    want_loss, want_grads = jax.jit(jax.value_and_grad(_dense_preference, 1),
+                                    static_argnums=(0, 4))(model, params, ref_params, batch, loss)
     # the step's updated params are params - LR * grads: they compare the gradients too
     state = train.create_train_state(jax.tree.map(jnp.copy, params), optax.sgd(LR),
                                      jax.random.key(1), ref_params=ref_params)
@@ -108,7 +109,7 @@ def test_sft_step_equals_the_dense_computation(name):
         sums, counts = _dense_sums(model, p, ids, attention, completion)
         return -jnp.sum(sums) / jnp.sum(counts)
 
-    want_loss, want_grads = jax.value_and_grad(dense)(params)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(dense))(params)
     state = train.create_train_state(jax.tree.map(jnp.copy, params), optax.sgd(LR),
                                      jax.random.key(1))
     new_state, metrics = train.make_sft_step(model, optax.sgd(LR))(state, batch)
@@ -121,7 +122,7 @@ def test_sequence_kl_and_unpaired_logps_equal_dense_sums():
     model = CausalLM(CONFIGS["tied_softcap"])
     params = init_params(model, jax.random.key(3))
     ids, attention, completion = _rows(7, [2, 4], [5, 3])
-    want, _ = _dense_sums(model, params, ids, attention, completion)
+    want, _ = jax.jit(_dense_sums, static_argnums=0)(model, params, ids, attention, completion)
     batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
     np.testing.assert_allclose(train.completion_logps(model, params, batch), want, rtol=1e-5)
 
@@ -153,8 +154,8 @@ def test_rlhf_policy_logps_and_entropy_equal_the_dense_logits_at_temperature(nam
         entropies = ja.losses.entropy(logits) * mask
         return jnp.sum(weights[0] * logps) + jnp.sum(weights[1] * entropies), (logps, entropies)
 
-    (_, got), got_grads = jax.value_and_grad(chunked, has_aux=True)(params)
-    (_, want), want_grads = jax.value_and_grad(dense, has_aux=True)(params)
+    (_, got), got_grads = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)
+    (_, want), want_grads = jax.jit(jax.value_and_grad(dense, has_aux=True))(params)
     _assert_trees_close(got, want, atol=1e-5)
     _assert_trees_close(got_grads, want_grads, atol=1e-5)
 

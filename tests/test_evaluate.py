@@ -119,9 +119,12 @@ def test_kl_estimator_matches_exact_kl(two_models):
     ids = np.concatenate([np.tile([[3, 5]], (len(completions), 1)), completions], 1)
     mask = np.concatenate([np.zeros((len(ids), 2), np.int32), np.ones_like(completions)], 1)
 
+    @jax.jit  # one compile for both parameter sets (eager flax dispatches op by op)
+    def sums(p):
+        return sequence_logprobs(model.apply({"params": p}, jnp.asarray(ids)), ids, mask)
+
     def logps(p):
-        logits = model.apply({"params": p}, jnp.asarray(ids))
-        return np.asarray(sequence_logprobs(logits, ids, mask), np.float64)
+        return np.asarray(sums(p), np.float64)
 
     log_p, log_q = logps(params), logps(ref_params)
     assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-4)

@@ -110,9 +110,11 @@ def test_dpo_step_dropout_is_deterministic_per_step_and_spares_the_reference(dpo
         np.testing.assert_array_equal(got, want)
     metrics = first[1]
     # the policy pass used the step's key: logps/chosen is the dropped model's ...
-    dropped = preference.pair_logps(model, params, batch, average=False,
-                                    dropout_key=train_dropout_key(state))
-    clean = preference.pair_logps(model, params, batch, average=False)
+    # jitted, one compile each, instead of op-by-op eager dispatch of the LoRA model
+    logps = jax.jit(lambda p, b, key: preference.pair_logps(model, p, b, average=False,
+                                                            dropout_key=key))
+    dropped = logps(params, batch, train_dropout_key(state))
+    clean = logps(params, batch, None)
     np.testing.assert_allclose(metrics["logps/chosen"], np.mean(dropped[0]), rtol=1e-5)
     assert abs(float(np.mean(dropped[0]) - np.mean(clean[0]))) > 1e-3
     # ... and the reference is the deterministic one: rewards = β (π_dropped − ref_clean)
@@ -137,9 +139,10 @@ def test_sft_and_reward_steps_drop_deterministically(kind):
     state = _state(params, optimizer)
     (_, first), (_, again) = _run(step, state, batch), _run(step, state, batch)
     assert first["loss"] == again["loss"]
-    dropped = float(loss(model, params, batch, dropout_key=train_dropout_key(state))[0])
+    loss_at = jax.jit(lambda p, b, key: loss(model, p, b, dropout_key=key)[0])  # not eager
+    dropped = float(loss_at(params, batch, train_dropout_key(state)))
     np.testing.assert_allclose(first["loss"], dropped, rtol=1e-5)
-    assert abs(dropped - float(loss(model, params, batch)[0])) > 1e-4
+    assert abs(dropped - float(loss_at(params, batch, None))) > 1e-4
 
 
 def test_lora_dpo_with_dropout_still_lowers_the_loss(dpo):
@@ -173,7 +176,8 @@ def test_ppo_update_loss_drops_the_policy_pass_when_given_a_key():
     forwards = _forwards(model, None, config)
     ids = np.asarray(jax.random.randint(jax.random.key(8), (2, 10), 0, 64))
     completion, mask = ids[:, 4:], np.ones((2, 6), np.int32)
-    old, _, _ = forwards.policy(params, ids, np.ones_like(ids), 4, completion, mask)
+    old, _, _ = jax.jit(forwards.policy, static_argnums=3)(params, ids, np.ones_like(ids), 4,
+                                                          completion, mask)
     mb = {"ids": ids, "attn": np.ones_like(ids), "completion": completion, "mask": mask,
           "old_logps": old, "advantages": np.array([[1.0] * 6, [-1.0] * 6], np.float32),
           "old_values": np.zeros((2, 6), np.float32), "returns": np.zeros((2, 6), np.float32),

@@ -30,16 +30,27 @@ def _pair(params, batch):
     return chosen, rejected, mean_c, mean_r
 
 
+@pytest.fixture(scope="module")
+def pair_logps_of_batch_1():
+    """The log-probs every loss below is checked against, computed once (one jit) for the
+    module: ``_pair`` of ``_pref_batch(1)`` under the ``params`` fixture's values and under
+    their shifted reference."""
+    params = init_params(MODEL, jax.random.key(0))  # what the params fixture returns
+    batch, ref_params = _pref_batch(1), _shifted(params)
+    pair = jax.jit(_pair)
+    return jax.device_get((pair(params, batch), pair(ref_params, batch)))
+
+
 @pytest.mark.parametrize("loss", sorted(train.PREFERENCE_LOSSES))
-def test_every_paired_loss_matches_its_pure_function_with_finite_gradients(params, loss):
+def test_every_paired_loss_matches_its_pure_function_with_finite_gradients(
+        params, loss, pair_logps_of_batch_1):
     """``preference_loss(loss=X)`` is the mean of the layer-1 function on the right log-probs
     (sums for the DPO family, per-token means for IPO / SimPO / ORPO), with finite gradients."""
     batch, ref_params = _pref_batch(1), _shifted(params)
     value, grads = jax.value_and_grad(
         lambda p: train.preference_loss(MODEL, p, batch, ref_params, loss=loss, beta=0.3)[0])(
         params)
-    pc, pr, mc, mr = _pair(params, batch)
-    rc, rr, rmc, rmr = _pair(ref_params, batch)
+    (pc, pr, mc, mr), (rc, rr, rmc, rmr) = pair_logps_of_batch_1
     nll = -mc
     expected = {
         "dpo": lambda: ja.dpo_loss(pc, pr, rc, rr, beta=0.3),
