@@ -84,3 +84,11 @@ def test_lora_ppo_trains_adapters_against_the_base_model(tmp_path, lora_dpo):
 def test_bad_lora_options_exit_2_naming_them(data, tmp_path, capsys, extra, message):
     assert cli.main(_flags("dpo", data["pref"], tmp_path / "bad", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_rm_export_adapter_is_refused_before_training(data, tmp_path, capsys):
+    """PEFT's format has no score head: refused up front, not after the last step."""
+    out = tmp_path / "rm"
+    assert cli.main(_flags("rm", data["pref"], out, "--lora-rank", "4", "--export-adapter")) == 2
+    assert "has no RewardModel" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()

@@ -11,7 +11,8 @@ from typing import Any
 import jax
 
 from jaxalign.cli.loop import RunError
-from jaxalign.models import lora
+from jaxalign.cli.options import ConfigError
+from jaxalign.models import CausalLM, lora
 from jaxalign.models.lora_peft import load_peft_adapter
 from jaxalign.train.lora import lora_optimizer
 
@@ -27,6 +28,20 @@ def _init_fn(lora_model: Any) -> Callable:
 
 def _attach(make_params, adapters, key):
     return lora.add_adapters(make_params(key), adapters)
+
+
+def check_export_adapter(model: Any, export_adapter: bool, source: str) -> None:
+    """Refuses ``--export-adapter`` before training when there is nothing it could write: no
+    adapters, or a model PEFT's format has no place for (a reward model's score head)."""
+    if not export_adapter:
+        return
+    if not lora.is_lora(model):
+        raise ConfigError("--export-adapter writes LoRA adapters: give --lora-rank or"
+                          f" --lora-adapter (or {source})")
+    if not isinstance(model, CausalLM):
+        raise ConfigError("--export-adapter writes a causal LM's adapters in PEFT's format,"
+                          f" which has no {type(model).__name__}: leave it out (the run's"
+                          " checkpoints hold the adapters)")
 
 
 def lora_source(model: Any, make_params: Callable, config: lora.LoraConfig, *, seed: int,

@@ -40,7 +40,7 @@ import numpy as np
 from jaxalign import distributed, sharding
 from jaxalign import train as steps
 from jaxalign.cli.configs import GRPOConfig, PPOConfig
-from jaxalign.cli.lora import lora_source, optimizer_for
+from jaxalign.cli.lora import check_export_adapter, lora_source, optimizer_for
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
 from jaxalign.cli.options import ConfigError
@@ -50,7 +50,7 @@ from jaxalign.cli.sources import PolicyRun, load_policy_run, mesh_from_spec, sto
 from jaxalign.data import DataLoader
 from jaxalign.distributed import is_main_process
 from jaxalign.models import (
-    CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm, lora,
+    CausalLM, CausalLMWithValueHead, ValueModel, causal_lm_params, init_head_from_causal_lm,
 )
 from jaxalign.train.rlhf import init_rlhf_state, make_rlhf_step, rlhf_state_models
 
@@ -157,9 +157,7 @@ def ppo(config: PPOConfig) -> dict[str, Any]:
     policy, make_policy_params = lora_source(run.policy, run.make_policy_params, config.lora,
                                              seed=config.seed, flag=f"--policy {config.policy}")
     run = run._replace(policy=policy, make_policy_params=make_policy_params)
-    if config.export_adapter and not lora.is_lora(policy):
-        raise ConfigError("--export-adapter writes LoRA adapters: give --lora-rank or"
-                          " --lora-adapter (or a LoRA --policy run)")
+    check_export_adapter(policy, config.export_adapter, "a LoRA --policy run")
     rewards = text_reward_spec(config, run.tokenizer, len(run.prompts))
     rlhf_config = config.rlhf_config(eos_id=stop_tokens(run.tokenizer),
                                      pad_id=run.tokenizer.padding_id)

@@ -38,7 +38,7 @@ from jaxalign import distributed, sharding
 from jaxalign import train as steps
 from jaxalign.batching import map_batches
 from jaxalign.cli.configs import PREFERENCE_COMMANDS as _PREFERENCE, TrainConfig
-from jaxalign.cli.lora import lora_source, optimizer_for
+from jaxalign.cli.lora import check_export_adapter, lora_source, optimizer_for
 from jaxalign.cli.loop import (RunError, check_checkpoints, checkpointed_loop, prepare_out,
                                summarize)
 from jaxalign.cli.options import ConfigError
@@ -247,9 +247,7 @@ def _read_job(kind: str, config: TrainConfig) -> _Job:
     model, make_params = _config_model_source(kind, config, tokenizer, mesh)
     model, make_params = lora_source(model, make_params, config.lora, seed=config.seed,
                                      flag=f"--model {config.model}")
-    if config.export_adapter and not lora.is_lora(model):
-        raise ConfigError("--export-adapter writes LoRA adapters: give --lora-rank or"
-                          " --lora-adapter (or --init-from a LoRA run)")
+    check_export_adapter(model, config.export_adapter, "--init-from a LoRA run")
     datasets, loader = _load_data(kind, config, tokenizer, model.config, mesh)
     return _Job(out, resuming, tokenizer, new_tokenizer, model, make_params, datasets, loader,
                 mesh)
@@ -272,7 +270,7 @@ def _initial_state(kind: str, config: TrainConfig, job: _Job, optimizer: Any,
             params = jax.jit(make_params, out_shardings=sharding.param_shardings(
                 model, shapes, mesh))(init_key)
         size = config.batch_size // len(job.datasets) if mesh is not None else config.batch_size
-        ref_params = lora.base_params(params) if lora.is_lora(model) else params
+        ref_params = lora.base_params(params)  # LoRA: the adapters off
         reference = {k: _reference_logps(model, ref_params, d, max(size, 1))
                      for k, d in job.datasets.items()}
         make_params = fixed_params(params)
