@@ -18,6 +18,8 @@ from jaxalign.models import CausalLM, RewardModel, get_config, init_cache, init_
 from jaxalign.models.lora_layer import LoraKernel, stored_once
 from jaxalign.train.lora import lora_optimizer, trainable_opt_state
 
+from lora_fixtures import pairs_batch
+
 CONFIG = get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                     d_ff=64, max_len=32)
 
@@ -129,13 +131,7 @@ def test_bad_lora_settings_are_named():
 
 
 def _pairs(rows=4, length=12):
-    ids = np.asarray(_tokens(2 * rows, length, seed=7))
-    completion = np.zeros((rows, length), np.int32)
-    completion[:, 6:] = 1
-    ones = np.ones((rows, length), np.int32)
-    return {"chosen_ids": ids[:rows], "rejected_ids": ids[rows:], "chosen_attention_mask": ones,
-            "rejected_attention_mask": ones, "chosen_completion_mask": completion,
-            "rejected_completion_mask": completion}
+    return pairs_batch(_tokens(2 * rows, length, seed=7), rows, length)
 
 
 def test_lora_dpo_trains_only_the_adapters(base):

@@ -20,6 +20,8 @@ from jaxalign.train import preference, reward, sft
 from jaxalign.train.lora import lora_optimizer
 from jaxalign.train.state import train_dropout_key
 
+from lora_fixtures import pairs_batch
+
 CONFIG = get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                     d_ff=64, max_len=32)
 BETA = 0.5
@@ -57,13 +59,8 @@ def _lora(p, model_cls=CausalLM, targets="all-linear"):
 
 
 def _pairs(rows=4, length=12):
-    ids = np.asarray(jax.random.randint(jax.random.key(7), (2 * rows, length), 0, 64))
-    completion = np.zeros((rows, length), np.int32)
-    completion[:, 6:] = 1
-    ones = np.ones((rows, length), np.int32)
-    return {"chosen_ids": ids[:rows], "rejected_ids": ids[rows:], "chosen_attention_mask": ones,
-            "rejected_attention_mask": ones, "chosen_completion_mask": completion,
-            "rejected_completion_mask": completion}
+    ids = jax.random.randint(jax.random.key(7), (2 * rows, length), 0, 64)
+    return pairs_batch(ids, rows, length)
 
 
 def _state(params, optimizer, ref_params=None, step=0):

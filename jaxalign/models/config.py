@@ -175,7 +175,7 @@ class TransformerConfig:
     family: str | None = None
     lora_rank: int = 0
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_dropout: float = 0.0
 
     def __post_init__(self):

@@ -243,8 +243,7 @@ def _adapted_names(params: Any) -> set[str]:
 
 def has_adapters(params: Any) -> bool:
     """Whether ``params`` holds any ``lora_*`` leaf (a static property of the tree)."""
-    return bool(params) and isinstance(params, dict) and bool(jax.tree.leaves(
-        adapter_params(params)))
+    return isinstance(params, dict) and bool(adapter_params(params))  # empty dicts dropped
 
 
 def reference_params(ref_params: Any, params: Any) -> Any:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.settings import setting
+from jaxalign.train.lora import trainable_opt_state
 
 __all__ = ["MasterWeightsState", "OptimizerConfig", "float32_master_weights",
            "learning_rate_schedule", "make_optimizer", "nonfinite_count", "optimizer_schedule"]
@@ -180,8 +181,7 @@ def optimizer_schedule(
 
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     """Total updates skipped for non-finite gradients (0 if the optimiser does not skip)."""
-    if isinstance(opt_state, optax.MultiTransformState):  # train.lora.lora_optimizer
-        opt_state = getattr(opt_state.inner_states["trainable"], "inner_state", opt_state)
+    opt_state = trainable_opt_state(opt_state)  # inside a train.lora.lora_optimizer's
     if isinstance(opt_state, MasterWeightsState):
         opt_state = opt_state.inner
     total = getattr(opt_state, "total_notfinite", None)

@@ -105,7 +105,6 @@ def apply_gradients(
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
-@functools.lru_cache(maxsize=1)
 @functools.cache  # find_library runs ldconfig; look it up once per process
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or ``None`` where there is none (macOS, musl, Windows)."""
