@@ -4,6 +4,7 @@ that name the path."""
 
 import dataclasses
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -342,3 +343,21 @@ def test_a_failed_background_write_names_its_step_and_the_intact_ones(tmp_path: 
     ckpt.close()  # reported once
     monkeypatch.undo()
     assert Checkpointer(tmp_path).restore({"w": jnp.zeros(4)})[0]["w"].tolist() == [1.0] * 4
+
+
+def test_an_unretrieved_tensorstore_write_failure_is_not_logged_again():
+    """asyncio's 'exception was never retrieved' record of a failed write (a TensorStore error
+    set on the future, never raised in Python, so no orbax frame) is dropped: the Checkpointer
+    reports that failure once; other records pass."""
+    from jaxalign.checkpoint._errors import _DropUnretrievedOrbaxWrites
+
+    def record(message, error=None):
+        info = None if error is None else (type(error), error, None)
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, info)
+
+    quiet = _DropUnretrievedOrbaxWrites()
+    full = ValueError("RESOURCE_EXHAUSTED: Failed to write 61429 bytes to file 4: No space left"
+                      " on device [os_error_code='28'] [tensorstore_spec='{\"driver\":\"zarr\"}']")
+    assert not quiet.filter(record("Future exception was never retrieved", full))
+    assert quiet.filter(record("Future exception was never retrieved", ValueError("other")))
+    assert quiet.filter(record("Task was destroyed but it is pending!"))

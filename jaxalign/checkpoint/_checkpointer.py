@@ -17,7 +17,8 @@ import orbax.checkpoint as ocp
 
 from jaxalign.checkpoint._errors import (
     CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError, config_mismatches,
-    join, os_error_of, quiet_orbax_save_errors, short_cause, structure_mismatches,
+    join, os_error_of, quiet_abandoned_writes, quiet_orbax_save_errors, short_cause,
+    structure_mismatches,
 )
 from jaxalign.checkpoint._fingerprint import (
     fingerprint_mismatches, leaf_shapes, tree_fingerprint,
@@ -107,9 +108,7 @@ class Checkpointer:
             if found is None:
                 raise
             code, cause = found
-            # Orbax abandons the failed write's remaining TensorStore coroutines; Python would
-            # print "coroutine ... was never awaited" for each at exit, after our one line.
-            warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+            quiet_abandoned_writes()
             where = self.directory if step is None else str(self.step_dir(step))
             intact = [str(s) for s in self._finished_steps() if s != step]
             kept = ("no earlier checkpoint" if not intact

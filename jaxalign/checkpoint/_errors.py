@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,14 +92,18 @@ class _DropUnretrievedOrbaxWrites(logging.Filter):
     """When one write of a background save fails, asyncio may also log the gathering future of
     the failed writes as ``exception was never retrieved`` (timing-dependent). That failure is
     the one :class:`~jaxalign.checkpoint.Checkpointer` reports: drop the record when its
-    exception came from orbax; everything else asyncio logs passes."""
+    exception came from orbax, or is a TensorStore error set on the future without ever being
+    raised in Python (so no traceback names orbax); everything else asyncio logs passes."""
 
     _ORBAX = os.sep + "orbax" + os.sep
+    _TENSORSTORE = "[tensorstore_spec="
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "exception was never retrieved" not in record.getMessage():
             return True
         error = record.exc_info[1] if record.exc_info else None
+        if self._TENSORSTORE in str(error):
+            return False
         tb = getattr(error, "__traceback__", None)
         while tb is not None:
             if self._ORBAX in tb.tb_frame.f_code.co_filename:
@@ -121,6 +126,13 @@ def _drop_closed_loop_callbacks(unraisable: Any) -> None:
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
         return
     _previous_unraisable_hook(unraisable)
+
+
+def quiet_abandoned_writes() -> None:
+    """After a failed write: orbax abandons that save's remaining TensorStore coroutines, and
+    Python would print ``coroutine ... was never awaited`` for each at exit, after the one-line
+    error. Installed only once a write has failed, so other code's warnings keep showing."""
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
 
 
 def quiet_orbax_save_errors() -> None:
