@@ -358,6 +358,11 @@ def test_an_unretrieved_tensorstore_write_failure_is_not_logged_again():
     quiet = _DropUnretrievedOrbaxWrites()
     full = ValueError("RESOURCE_EXHAUSTED: Failed to write 61429 bytes to file 4: No space left"
                       " on device [os_error_code='28'] [tensorstore_spec='{\"driver\":\"zarr\"}']")
+    # an OCDBT write's error carries no spec, only the errno (seen in CI)
+    ocdbt = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.mu/0" in OCDBT database at'
+                       ' local file "/x/6.orbax-checkpoint-tmp/ocdbt.process_0/": Failed to write'
+                       " 2820 bytes to file 4: No space left on device [os_error_code='28']")
     assert not quiet.filter(record("Future exception was never retrieved", full))
+    assert not quiet.filter(record("Future exception was never retrieved", ocdbt))
     assert quiet.filter(record("Future exception was never retrieved", ValueError("other")))
     assert quiet.filter(record("Task was destroyed but it is pending!"))

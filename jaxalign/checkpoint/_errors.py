@@ -93,16 +93,18 @@ class _DropUnretrievedOrbaxWrites(logging.Filter):
     the failed writes as ``exception was never retrieved`` (timing-dependent). That failure is
     the one :class:`~jaxalign.checkpoint.Checkpointer` reports: drop the record when its
     exception came from orbax, or is a TensorStore error set on the future without ever being
-    raised in Python (so no traceback names orbax); everything else asyncio logs passes."""
+    raised in Python (so no traceback names orbax; it is known by its ``tensorstore_spec``
+    (array writes) or its ``os_error_code`` (OCDBT writes, which carry no spec)); everything
+    else asyncio logs passes."""
 
     _ORBAX = os.sep + "orbax" + os.sep
-    _TENSORSTORE = "[tensorstore_spec="
+    _TENSORSTORE = ("[tensorstore_spec=", "[os_error_code=")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "exception was never retrieved" not in record.getMessage():
             return True
         error = record.exc_info[1] if record.exc_info else None
-        if self._TENSORSTORE in str(error):
+        if any(marker in str(error) for marker in self._TENSORSTORE):
             return False
         tb = getattr(error, "__traceback__", None)
         while tb is not None:
