@@ -13,7 +13,7 @@ import jax
 from jaxalign.cli.loop import RunError
 from jaxalign.cli.options import ConfigError
 from jaxalign.models import CausalLM, lora
-from jaxalign.models.lora_peft import load_peft_adapter
+from jaxalign.models.lora_peft import read_peft_adapter
 from jaxalign.train.lora import lora_optimizer
 
 __all__ = ["lora_source", "optimizer_for"]
@@ -55,9 +55,8 @@ def lora_source(model: Any, make_params: Callable, config: lora.LoraConfig, *, s
         raise RunError(f"{flag} already has LoRA adapters (rank {model.config.lora_rank}):"
                        " leave out --lora-rank/--lora-adapter to keep training them")
     if config.lora_adapter is not None:
-        empty = {"trunk": {"layers": {}}} if model.config.scan_layers else {}
         try:
-            lora_model, adapters = load_peft_adapter(model, empty, config.lora_adapter)
+            lora_model, adapters = read_peft_adapter(model, config.lora_adapter)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise RunError(f"--lora-adapter {config.lora_adapter}: {error}") from None
         if config.lora_dropout is not None:  # --lora-dropout overrides the adapter's own

@@ -26,7 +26,8 @@ from jaxalign.models.lora import (
     with_lora,
     without_lora,
 )
-from jaxalign.models.lora_peft import load_peft_adapter, save_merged_hf, save_peft_adapter
+from jaxalign.models.lora_peft import (load_peft_adapter, read_peft_adapter, save_merged_hf,
+                                       save_peft_adapter)
 from jaxalign.models.transformer import (
     LOGICAL_AXIS_NAMES,
     KVCache,
@@ -63,6 +64,7 @@ __all__ = [
     "last_token_index",
     "load_hf",
     "load_peft_adapter",
+    "read_peft_adapter",
     "logical_axes",
     "merge_lora",
     "positions_from_mask",

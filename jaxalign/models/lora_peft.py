@@ -3,8 +3,9 @@
 :func:`save_peft_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
 ``peft.PeftModel.from_pretrained(transformers_model, dir)`` loads onto the base model's
 Hugging Face export; :func:`load_peft_adapter` reads such a directory back onto jaxalign
-params to continue training. :func:`save_merged_hf` folds the adapters in and writes a plain
-checkpoint (:func:`jaxalign.models.save_hf`).
+params to continue training (:func:`read_peft_adapter`: the adapters alone).
+:func:`save_merged_hf` folds the adapters in and writes a plain checkpoint
+(:func:`jaxalign.models.save_hf`).
 
 Names and layouts (checked against PEFT 0.21's own save of a tiny Llama)::
 
@@ -24,19 +25,19 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
 from jaxalign.models.hf import _getter, save_hf
 from jaxalign.models.hf_weights import weight_table
 from jaxalign.models.heads import CausalLM
 from jaxalign.models.lora import (adapter_params, add_adapters, base_params, merge_lora, with_lora,
                                   without_lora)
-from jaxalign.models.lora_layer import PROJECTIONS
-from jaxalign.models.safetensors_io import (TensorWrite, checkpoint_tensors, read_rows,
-                                           write_checkpoint)
+from jaxalign.models.lora_layer import PROJECTIONS, input_ndim
+from jaxalign.models.safetensors_io import TensorWrite, file_tensors, read_rows, write_file
 from jaxalign.models.transformer import stack_layer_params
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "save_merged_hf",
-           "save_peft_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "read_peft_adapter",
+           "save_merged_hf", "save_peft_adapter"]
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -85,16 +86,15 @@ def save_peft_adapter(model: nn.Module, params: Any, path: str | os.PathLike, *,
     get = _getter(params, config.n_layers)
     writes = []
     for stem, module_path, shape in _adapted_tensors(config, _head(model)):
-        n_in = 2 if module_path[-1] == "o_proj" else 1
+        n_in = input_ndim(module_path[-1])
         fan_in, fan_out, rank = math.prod(shape[:n_in]), math.prod(shape[n_in:]), config.lora_rank
         writes += [
             TensorWrite(f"{stem}.lora_A.weight", np.float32, (rank, fan_in),
                         lambda p=module_path, f=fan_in: get((*p, "lora_a")).reshape(f, -1).T),
             TensorWrite(f"{stem}.lora_B.weight", np.float32, (fan_out, rank),
                         lambda p=module_path, r=rank: get((*p, "lora_b")).reshape(r, -1).T)]
-    os.makedirs(path, exist_ok=True)
-    write_checkpoint(path, writes, max_shard_size=2**62)
-    os.replace(os.path.join(path, "model.safetensors"), os.path.join(path, ADAPTER_WEIGHTS))
+    os.makedirs(path, exist_ok=True)  # a base model's weights there stay as they are
+    write_file(os.path.join(path, ADAPTER_WEIGHTS), writes)
     with open(os.path.join(path, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(peft_config(config, base_model_name_or_path), f, indent=2)
 
@@ -119,11 +119,11 @@ def _read_config(path: str) -> dict[str, Any]:
     return spec
 
 
-def load_peft_adapter(model: nn.Module, params: Any,
-                      path: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(lora_model, params + adapters)``: the PEFT adapter at ``path`` on ``model``'s base
-    ``params`` (any adapters already there are replaced); the rank, alpha, dropout and targets
-    come from its ``adapter_config.json``.
+def read_peft_adapter(model: nn.Module, path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(lora_model, adapters)``: the PEFT adapter at ``path`` for ``model`` (a base model or
+    a LoRA one, whose own LoRA settings are replaced), as the ``lora_*`` leaves of a parameter
+    tree in the layout ``model.config.scan_layers`` gives (stacked or one per layer); the
+    rank, alpha, dropout and targets come from its ``adapter_config.json``.
 
     Raises:
       ValueError: an unsupported adapter (DoRA, rsLoRA, per-module ranks, ...), or a missing,
@@ -134,10 +134,10 @@ def load_peft_adapter(model: nn.Module, params: Any,
     lora_model = with_lora(without_lora(model), int(spec["r"]), alpha=float(spec["lora_alpha"]),
                            targets=spec["targets"],
                            dropout=float(spec.get("lora_dropout") or 0.0))
-    config, stored = lora_model.config, checkpoint_tensors(path)
+    config, stored = lora_model.config, file_tensors(os.path.join(path, ADAPTER_WEIGHTS))
     adapters, expected = {}, set()
     for stem, module_path, shape in _adapted_tensors(config, _head(model)):
-        n_in = 2 if module_path[-1] == "o_proj" else 1
+        n_in = input_ndim(module_path[-1])
         for leaf, suffix, want, to_ours in (
                 ("lora_a", "lora_A", (config.lora_rank, math.prod(shape[:n_in])),
                  lambda x, s=shape, n=n_in: x.T.reshape(*s[:n], -1)),
@@ -148,16 +148,22 @@ def load_peft_adapter(model: nn.Module, params: Any,
             if name not in stored or tuple(stored[name].shape) != want:
                 got = stored[name].shape if name in stored else "missing"
                 raise ValueError(f"{path}: tensor {name} should be {want}, got {got}")
-            node = adapters
-            for key in module_path:
-                node = node.setdefault(key, {})
-            node[leaf] = to_ours(read_rows(stored[name]).astype(np.float32))
+            adapters[(*module_path, leaf)] = to_ours(read_rows(stored[name]).astype(np.float32))
     unexpected = sorted(set(stored) - expected)
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected[:3]} (the model config does"
                          " not have these layers or projections)")
-    if "layers" in params.get("trunk", {}):
+    adapters = unflatten_dict(adapters)
+    if config.scan_layers:
         adapters = stack_layer_params(adapters, config.n_layers)
+    return lora_model, adapters
+
+
+def load_peft_adapter(model: nn.Module, params: Any,
+                      path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(lora_model, params + adapters)``: :func:`read_peft_adapter`'s adapters on
+    ``model``'s base ``params`` (any adapters already there are replaced)."""
+    lora_model, adapters = read_peft_adapter(model, path)
     return lora_model, add_adapters(base_params(params), adapters)
 
 

@@ -22,8 +22,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-__all__ = ["INDEX_NAME", "TensorWrite", "checkpoint_tensors", "parse_size", "read_rows",
-           "write_checkpoint"]
+__all__ = ["INDEX_NAME", "TensorWrite", "checkpoint_tensors", "file_tensors", "parse_size",
+           "read_rows", "write_checkpoint", "write_file"]
 
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -42,7 +42,8 @@ class TensorInfo(NamedTuple):
     offset: int
 
 
-def _header(path: str) -> dict:
+def file_tensors(path: str) -> dict[str, TensorInfo]:
+    """Every tensor of the one safetensors file ``path`` (read from its header)."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
@@ -62,18 +63,22 @@ def _header(path: str) -> dict:
 
 def checkpoint_tensors(path: str) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint directory ``path``: the files listed by
-    ``model.safetensors.index.json``, else every ``*.safetensors`` file in it."""
+    ``model.safetensors.index.json``, else ``model.safetensors`` (as transformers reads it, so a
+    PEFT ``adapter_model.safetensors`` beside it is not the model's), else every
+    ``*.safetensors`` file in it."""
     index = os.path.join(path, INDEX_NAME)
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
     else:
         files = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
     if not files:
         raise ValueError(f"path={path!r} has no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
     for name in files:
-        tensors.update(_header(os.path.join(path, name)))
+        tensors.update(file_tensors(os.path.join(path, name)))
     return tensors
 
 
@@ -134,7 +139,9 @@ def _shards(tensors: Sequence[TensorWrite], max_bytes: int) -> list[list[TensorW
     return shards
 
 
-def _write_file(path: str, tensors: Sequence[TensorWrite]) -> None:
+def write_file(path: str, tensors: Sequence[TensorWrite]) -> None:
+    """Writes ``tensors`` as the one safetensors file ``path`` (each produced and written in
+    turn); nothing else in its directory is touched."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for tensor in tensors:
@@ -164,12 +171,12 @@ def write_checkpoint(directory: str, tensors: Sequence[TensorWrite], *,
     for stale in _stale_files(directory):
         os.remove(os.path.join(directory, stale))
     if len(shards) == 1:
-        _write_file(os.path.join(directory, "model.safetensors"), shards[0])
+        write_file(os.path.join(directory, "model.safetensors"), shards[0])
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        _write_file(os.path.join(directory, name), shard)
+        write_file(os.path.join(directory, name), shard)
         weight_map.update({tensor.name: name for tensor in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
              "weight_map": weight_map}
