@@ -14,11 +14,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxalign import train as steps
-from jaxalign.models import CausalLM, RewardModel, get_config, init_cache, init_params, lora
+from flax.traverse_util import flatten_dict
+
+from jaxalign.models import (CausalLM, RewardModel, get_config, init_cache, init_params, load_hf,
+                             load_peft_adapter, lora, save_merged_hf, save_peft_adapter)
 from jaxalign.models.lora_layer import LoraKernel, stored_once
 from jaxalign.train.lora import lora_optimizer, trainable_opt_state
 
-from lora_fixtures import pairs_batch
+from lora_fixtures import pairs_batch, perturb_b
 
 CONFIG = get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                     d_ff=64, max_len=32)
@@ -38,13 +41,9 @@ def _tokens(rows=2, length=9, seed=2):
     return jax.random.randint(jax.random.key(seed), (rows, length), 0, CONFIG.vocab_size)
 
 
-def _perturb_b(params, scale=0.05, seed=3):
+def _perturb_b(params):
     """Non-zero B (as after training), so merged/unmerged differ from the base model."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        leaf + scale * jax.random.normal(k, leaf.shape) if path[-1].key == "lora_b" else leaf
-        for (path, leaf), k in zip(leaves, keys)])
+    return perturb_b(params, scale=0.05, seed=3)
 
 
 def test_zero_b_is_the_base_model_exactly(base):
@@ -128,6 +127,35 @@ def test_bad_lora_settings_are_named():
         lora.with_lora(CausalLM(CONFIG), 0)
     with pytest.raises(ValueError, match="merge_lora needs the LoRA model"):
         lora.merge_lora({}, CONFIG)
+    for bad, message in (({"lora_rank": -1}, "lora_rank must be at least 0, got -1"),
+                         ({"lora_alpha": 0.0}, "lora_alpha must be positive, got 0.0"),
+                         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0")):
+        for make in (lambda: get_config("tiny", **bad), lambda: lora.LoraConfig(**bad)):
+            with pytest.raises(ValueError, match=message):  # one check, one message
+                make()
+
+
+def test_an_adapter_exported_beside_its_merged_model_changes_neither(base, tmp_path):
+    """PEFT keeps ``adapter_model.safetensors`` apart from the model's ``model.safetensors``:
+    an adapter written into a model's directory leaves its weights as they were, and each
+    reads back alone (as transformers and PEFT read them)."""
+    model, params = base
+    lora_model = lora.with_lora(model, 4, alpha=8.0, targets="q,o,up")
+    trained = _perturb_b(lora.init_lora(lora_model, params, jax.random.key(1)))
+    save_merged_hf(lora_model, trained, tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    save_peft_adapter(lora_model, trained, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    _, merged = load_hf(tmp_path)
+    want = flatten_dict(lora.merge_lora(trained, lora_model.config))
+    assert flatten_dict(merged).keys() == want.keys()
+    for path, leaf in flatten_dict(merged).items():
+        np.testing.assert_array_equal(leaf, want[path], err_msg=str(path))
+    loaded_model, loaded = load_peft_adapter(model, params, tmp_path)
+    assert loaded_model.config == lora_model.config
+    assert jax.tree.structure(loaded) == jax.tree.structure(trained)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(got, want)
 
 
 def _pairs(rows=4, length=12):

@@ -20,7 +20,7 @@ from jaxalign.train import preference, reward, sft
 from jaxalign.train.lora import lora_optimizer
 from jaxalign.train.state import train_dropout_key
 
-from lora_fixtures import pairs_batch
+from lora_fixtures import pairs_batch, perturb_b
 
 CONFIG = get_config("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                     d_ff=64, max_len=32)
@@ -51,11 +51,7 @@ def _lora(p, model_cls=CausalLM, targets="all-linear"):
     model = model_cls(CONFIG)
     lora_model = lora.with_lora(model, 4, targets=targets, dropout=p)
     params = lora.init_lora(lora_model, init_params(model, jax.random.key(0)), jax.random.key(1))
-    # non-zero B, as after training, so the adapters' path (and its dropout) shows
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape)
-        if path[-1].key == "lora_b" else x, params)
-    return lora_model, params
+    return lora_model, perturb_b(params, scale=0.3, seed=3)  # the adapters' dropout shows
 
 
 def _pairs(rows=4, length=12):

@@ -22,6 +22,8 @@ from jaxalign.models.lora_peft import (  # noqa: E402
     load_peft_adapter, save_merged_hf, save_peft_adapter,
 )
 
+from lora_fixtures import perturb_b  # noqa: E402
+
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, vocab_size=128, max_position_embeddings=64,
              initializer_range=0.15)
@@ -42,11 +44,7 @@ def base(tmp_path_factory):
 def _trained(model, params, targets="all-linear"):
     lora_model = lora.with_lora(model, 4, alpha=12.0, targets=targets)
     params = lora.init_lora(lora_model, params, jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return lora_model, jax.tree_util.tree_unflatten(treedef, [
-        leaf + 0.1 * jax.random.normal(k, leaf.shape) if path[-1].key == "lora_b" else leaf
-        for (path, leaf), k in zip(leaves, keys)])
+    return lora_model, perturb_b(params, scale=0.1, seed=1)
 
 
 def _ids():

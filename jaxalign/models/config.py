@@ -21,7 +21,7 @@ from jaxalign.settings import setting
 
 __all__ = ["ACTIVATIONS", "ATTENTION_IMPLS", "FAMILY_SWITCHES", "LAYER_TYPES", "LORA_TARGETS",
            "PRESETS", "REMAT_POLICIES", "ROPE_TYPES", "ComputeConfig", "TransformerConfig",
-           "get_config"]
+           "check_lora_settings", "get_config"]
 
 
 def _as_dtype(value: Any) -> np.dtype:
@@ -37,6 +37,17 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")  # Hugging Face's rope_t
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's layer_types names
 ATTENTION_IMPLS = ("dense", "blockwise", "auto")  # TransformerConfig.attention_impl
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections that take adapters
+
+
+def check_lora_settings(rank: int, alpha: float | None, dropout: float) -> None:
+    """Raises naming the LoRA setting that is out of range (``TransformerConfig``'s and the
+    training commands' ``LoraConfig``'s one check)."""
+    if rank < 0:
+        raise ValueError(f"lora_rank must be at least 0, got {rank}")
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"lora_alpha must be positive, got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,11 +245,7 @@ class TransformerConfig:
         if unknown or not self.lora_targets:
             raise ValueError(f"lora_targets must name some of {LORA_TARGETS}, got"
                              f" {self.lora_targets!r}")
-        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"need lora_rank >= 0 and 0 <= lora_dropout < 1, got lora_rank="
-                             f"{self.lora_rank}, lora_dropout={self.lora_dropout}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        check_lora_settings(self.lora_rank, self.lora_alpha, self.lora_dropout)
 
     @property
     def lora_scale(self) -> float:

@@ -24,9 +24,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxalign.models.config import LORA_TARGETS, TransformerConfig
-from jaxalign.models.lora_layer import ADAPTER_NAMES, PROJECTIONS, TRAINABLE_HEADS, input_ndim
+from jaxalign.models.config import LORA_TARGETS, TransformerConfig, check_lora_settings
+from jaxalign.models.lora_layer import (ADAPTER_NAMES, PROJECTIONS, TRAINABLE_HEADS, input_ndim,
+                                        merged_kernel)
 from jaxalign.models.transformer import stack_layer_params, unstack_layer_params
 from jaxalign.settings import setting
 
@@ -71,12 +73,8 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be at least 0, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
-        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_lora_settings(self.lora_rank, self.lora_alpha,
+                            0.0 if self.lora_dropout is None else self.lora_dropout)
 
     @property
     def enabled(self) -> bool:
@@ -114,55 +112,35 @@ def without_lora(model: nn.Module) -> nn.Module:
     return model.clone(config=dataclasses.replace(model.config, **defaults))
 
 
-def _walk(tree: Any, keep, path: tuple[str, ...] = ()) -> Any:
-    """The nested dict ``tree`` with only the leaves ``keep(path)`` accepts (empty dicts
-    dropped)."""
-    if not isinstance(tree, dict):
-        return tree if keep(path) else None
-    out = {}
-    for name, sub in tree.items():
-        kept = _walk(sub, keep, (*path, str(name)))
-        if kept is not None and not (isinstance(kept, dict) and not kept):
-            out[name] = kept
-    return out
-
-
-def _is_adapter(path: tuple[str, ...]) -> bool:
-    return bool(path) and path[-1] in ADAPTER_NAMES
+def _leaves(params: Any, adapters: bool) -> Any:
+    """The nested dict ``params`` with only its adapter leaves (or only the others); the
+    dicts left empty are dropped."""
+    flat = flatten_dict(params)
+    return unflatten_dict({path: leaf for path, leaf in flat.items()
+                           if (path[-1] in ADAPTER_NAMES) == adapters})
 
 
 def adapter_params(params: Any) -> Any:
     """Only the ``lora_a`` / ``lora_b`` leaves of ``params`` (the same nesting)."""
-    return _walk(dict(params), _is_adapter)
+    return _leaves(params, adapters=True)
 
 
 def base_params(params: Any) -> Any:
     """``params`` without adapters: the base model, adapters off (no array is copied)."""
-    return _walk(dict(params), lambda path: not _is_adapter(path))
+    return _leaves(params, adapters=False)
 
 
 def add_adapters(params: Any, adapters: Any) -> Any:
     """``params`` with the leaves of ``adapters`` (same nesting) added or replaced."""
-    return _combine(dict(params), adapters)
-
-
-def _combine(base: Any, extra: Any) -> Any:
-    if not isinstance(extra, dict):
-        return extra
-    out = dict(base)
-    for name, sub in extra.items():
-        out[name] = _combine(base.get(name, {}), sub) if isinstance(sub, dict) else sub
-    return out
+    return unflatten_dict({**flatten_dict(params), **flatten_dict(adapters)})
 
 
 def trainable_mask(params: Any) -> Any:
     """A bool tree like ``params``: ``True`` on adapters and on value/score-head leaves."""
-    def mark(tree, trainable, name=""):
-        if isinstance(tree, dict):
-            return {k: mark(v, trainable or k in TRAINABLE_HEADS, str(k))
-                    for k, v in tree.items()}
-        return trainable or name in ADAPTER_NAMES
-    return mark(dict(params), False)
+    def trainable(path, _):
+        names = [str(getattr(key, "key", key)) for key in path]
+        return names[-1] in ADAPTER_NAMES or any(n in TRAINABLE_HEADS for n in names)
+    return jax.tree_util.tree_map_with_path(trainable, params)
 
 
 def lora_parameter_count(params: Any) -> int:
@@ -188,27 +166,20 @@ def init_lora(model: nn.Module, params: Any, key: jax.Array) -> Any:
     n_layers = model.config.n_layers
     scanned = "layers" in params.get("trunk", {})
     adapters = (stack_layer_params if scanned else unstack_layer_params)(adapters, n_layers)
-    return _combine(base_params(params), adapters)
+    return add_adapters(base_params(params), adapters)
 
 
 def _deltas(params: Any, config: TransformerConfig, sign: float) -> Any:
-    """Every adapted projection's ``kernel ± scale · A @ B`` (float32 math, kernel dtype)."""
-    def visit(tree, name=""):
-        if not isinstance(tree, dict):
-            return tree
-        tree = {k: visit(v, str(k)) for k, v in tree.items()}
-        if "lora_a" not in tree:
-            return tree
-        a, b, kernel = tree.pop("lora_a"), tree.pop("lora_b"), tree["kernel"]
-        n_in, rank = input_ndim(name), a.shape[-1]
-        lead = a.ndim - 1 - n_in  # a leading "layers" axis in the scanned layout
-        fan_in = math.prod(a.shape[lead:-1])
-        delta = jnp.einsum("...ir,...rj->...ij", a.reshape(*a.shape[:lead], fan_in, rank),
-                           b.reshape(*b.shape[:lead], rank, -1).astype(jnp.float32))
-        new = kernel.astype(jnp.float32) + sign * config.lora_scale * delta.reshape(kernel.shape)
-        tree["kernel"] = new.astype(kernel.dtype)
-        return tree
-    return visit(dict(params))
+    """Every adapted projection's ``kernel ± scale · A @ B`` (:func:`merged_kernel`), its
+    ``lora_*`` leaves dropped."""
+    flat = flatten_dict(params)
+    for path in [p for p in flat if p[-1] == "lora_a"]:
+        module = path[:-1]
+        a, b = flat.pop(path), flat.pop((*module, "lora_b"))
+        flat[(*module, "kernel")] = merged_kernel(flat[(*module, "kernel")], a, b,
+                                                  sign * config.lora_scale,
+                                                  input_ndim(str(module[-1])))
+    return unflatten_dict(flat)
 
 
 def merge_lora(params: Any, config: TransformerConfig) -> Any:
@@ -224,21 +195,12 @@ def merge_lora(params: Any, config: TransformerConfig) -> Any:
 def unmerge_lora(merged: Any, adapters: Any, config: TransformerConfig) -> Any:
     """Inverse of :func:`merge_lora` (up to rounding): ``W ← W − (alpha / r) · A @ B`` with
     ``adapters`` (:func:`adapter_params` of the unmerged tree) attached again."""
-    unmerged = _deltas(_combine(merged, adapters), config, -1.0)
-    return _combine(unmerged, adapters)
+    unmerged = _deltas(add_adapters(merged, adapters), config, -1.0)
+    return add_adapters(unmerged, adapters)
 
 
 def _adapted_names(params: Any) -> set[str]:
-    names = set()
-
-    def visit(tree, name=""):
-        if isinstance(tree, dict):
-            if "lora_a" in tree:
-                names.add(name)
-            for k, v in tree.items():
-                visit(v, str(k))
-    visit(dict(params))
-    return names
+    return {str(path[-2]) for path in flatten_dict(params) if path[-1] == "lora_a"}
 
 
 def has_adapters(params: Any) -> bool:

@@ -23,14 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.config import TransformerConfig
+from jaxalign.models.config import LORA_TARGETS, TransformerConfig
 
 __all__ = ["ADAPTER_NAMES", "PROJECTIONS", "TRAINABLE_HEADS", "LoraKernel", "adapt",
-           "freeze", "input_ndim", "stored_once"]
+           "freeze", "input_ndim", "merged_kernel", "stored_once"]
 
-#: ``--lora-targets`` name -> the projection module it adapts.
-PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+#: ``--lora-targets`` name -> the projection module it adapts (``"q"`` -> ``"q_proj"``).
+PROJECTIONS = {target: f"{target}_proj" for target in LORA_TARGETS}
 ADAPTER_NAMES = ("lora_a", "lora_b")
 #: Modules that still train under LoRA (PEFT's ``modules_to_save`` for value and reward heads).
 TRAINABLE_HEADS = ("value_head", "score_head")
@@ -39,6 +38,19 @@ TRAINABLE_HEADS = ("value_head", "score_head")
 def input_ndim(projection: str) -> int:
     """Leading kernel axes that are the projection's input (``o_proj [H, Dh, D]``: 2)."""
     return 2 if projection == "o_proj" else 1
+
+
+def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float,
+                  n_in: int) -> jax.Array:
+    """``kernel + scale · A @ B`` in the kernel's dtype, the delta computed in float32.
+
+    ``kernel [*L, *in, *out]``, ``a [*L, *in, r]``, ``b [*L, r, *out]`` with ``n_in`` input
+    axes; ``L`` is the scanned layout's leading ``layers`` axis, or nothing."""
+    lead = a.ndim - 1 - n_in
+    fan_in, rank = math.prod(a.shape[lead:-1]), a.shape[-1]
+    delta = jnp.einsum("...ir,...rj->...ij", a.reshape(*a.shape[:lead], fan_in, rank),
+                       b.reshape(*b.shape[:lead], rank, -1).astype(jnp.float32))
+    return (kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)).astype(kernel.dtype)
 
 
 def _letter(used: str) -> str:
@@ -75,11 +87,8 @@ class LoraKernel:
                           self.b.reshape(rank, -1), self.scale, self.dropout, self.key)
 
     def merged(self) -> jax.Array:
-        """``base + scale · A @ B`` in the base's dtype (the delta computed in float32)."""
-        fan_in = math.prod(self.a.shape[:-1])
-        delta = self.a.reshape(fan_in, -1) @ self.b.reshape(self.b.shape[0], -1)
-        return (self.base.astype(jnp.float32) + self.scale * delta.reshape(self.shape)).astype(
-            self.base.dtype)
+        """``base + scale · A @ B`` in the base's dtype (:func:`merged_kernel`)."""
+        return merged_kernel(self.base, self.a, self.b, self.scale, self.a.ndim - 1)
 
     def __jax_array__(self) -> jax.Array:
         return self.merged()
