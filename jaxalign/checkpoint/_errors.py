@@ -119,15 +119,30 @@ _ASYNCIO_FILTER = _DropUnretrievedOrbaxWrites()
 _previous_unraisable_hook = sys.unraisablehook
 
 
-def _drop_closed_loop_callbacks(unraisable: Any) -> None:
-    """When one write of a save fails, orbax's event loop ends while TensorStore still holds
-    the other writes; as each finishes, its callback finds the loop closed and Python prints
-    ``RuntimeError: Event loop is closed`` (one traceback per write). Those writes belong to
-    the failed save, which is reported once: drop them, pass everything else on."""
+def _orbax_leftover(unraisable: Any) -> bool:
+    """Whether ``unraisable`` is what a failed orbax save or restore leaves behind:
+
+    * ``RuntimeError: Event loop is closed``: when one write of a save fails, orbax's event
+      loop ends while TensorStore still holds the other writes, and each one's callback finds
+      the loop closed;
+    * ``Exception ignored in: <coroutine ...>`` of an orbax array read closed unfinished (the
+      other reads of a failed restore): orbax wraps every exception of a read, its
+      ``GeneratorExit`` included, in a new ``Exception``, so closing such a coroutine raises.
+
+    They belong to the failed save or restore, which is reported once."""
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-        return
-    _previous_unraisable_hook(unraisable)
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return (code is not None and os.sep + "orbax" + os.sep in code.co_filename
+            and isinstance(value.__cause__ or value.__context__, GeneratorExit))
+
+
+def _drop_orbax_leftovers(unraisable: Any) -> None:
+    """The unraisable-error hook: drops :func:`_orbax_leftover` s, passes the rest on. (They
+    are collected at any later time, so the hook stays installed.)"""
+    if not _orbax_leftover(unraisable):
+        _previous_unraisable_hook(unraisable)
 
 
 def quiet_abandoned_writes() -> None:
@@ -147,9 +162,9 @@ def quiet_orbax_save_errors() -> None:
     asyncio_logger = logging.getLogger("asyncio")
     if _ASYNCIO_FILTER not in asyncio_logger.filters:
         asyncio_logger.addFilter(_ASYNCIO_FILTER)
-    if sys.unraisablehook is not _drop_closed_loop_callbacks:
+    if sys.unraisablehook is not _drop_orbax_leftovers:
         _previous_unraisable_hook = sys.unraisablehook
-        sys.unraisablehook = _drop_closed_loop_callbacks
+        sys.unraisablehook = _drop_orbax_leftovers
 
 
 # ------------------------------------------------------------------------------ mismatches
