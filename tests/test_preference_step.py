@@ -14,9 +14,13 @@ from test_train import CFG, _pref_batch  # noqa: F401  (the same tiny model and 
 MODEL = CausalLM(CFG)
 
 
+def _initial_params():
+    return init_params(MODEL, jax.random.key(0))
+
+
 @pytest.fixture
 def params():
-    return init_params(MODEL, jax.random.key(0))
+    return _initial_params()
 
 
 def _shifted(params, delta=0.02):
@@ -35,7 +39,7 @@ def pair_logps_of_batch_1():
     """The log-probs every loss below is checked against, computed once (one jit) for the
     module: ``_pair`` of ``_pref_batch(1)`` under the ``params`` fixture's values and under
     their shifted reference."""
-    params = init_params(MODEL, jax.random.key(0))  # what the params fixture returns
+    params = _initial_params()  # what the params fixture returns
     batch, ref_params = _pref_batch(1), _shifted(params)
     pair = jax.jit(_pair)
     return jax.device_get((pair(params, batch), pair(ref_params, batch)))
